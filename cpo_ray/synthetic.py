@@ -1,8 +1,8 @@
 """The shipped preference task: write a number in English words; `rejected` is a near miss.
 
 In the spirit of CPO's translation data: the chosen answer is correct, the rejected one is what a
-weak translator produces (two digits swapped, one digit off by one, the wrong scale word, a dropped
-group). Numbers held out for evaluation never appear in training (split by a hash of the number), so
+weak translator produces (two digits swapped, one digit off by one, the wrong scale word, teen for
+ty). Numbers held out for evaluation never appear in training (split by a hash of the number), so
 held-out accuracy measures a learned mapping rather than memorised pairs. Deterministic from a seed.
 """
 
@@ -11,10 +11,32 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
-ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()  # noqa: E501
-TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]  # noqa: E501
+TENS = ["_", "_", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 SCALES = ["", "thousand", "million"]
 
 
@@ -70,8 +92,13 @@ def near_miss(n: int, rng: random.Random) -> str:
             swaps = [("thousand", "hundred"), ("hundred", "thousand"), ("thousand", "million")]
             a, b = rng.choice([s for s in swaps if s[0] in correct])
             cand = correct.replace(a, b, 1)
-        elif kind == 3 and n >= 1000:  # a group dropped
-            cand = number_to_words(n // 1000 * 1000) if n % 1000 else number_to_words(n % 1000)
+        elif kind == 3:  # teen <-> ty confusion ("thirteen" for "thirty"), same length class
+            pairs = [(ONES[i], TENS[i]) for i in range(3, 10)] + [(TENS[i], ONES[i + 10]) for i in range(3, 10)]
+            hits = [(a, b) for a, b in pairs if re.search(rf"\b{a}\b", correct)]
+            if not hits:
+                continue
+            a, b = rng.choice(hits)
+            cand = re.sub(rf"\b{a}\b", b, correct, count=1)
         else:
             continue
         if cand != correct:
@@ -92,7 +119,9 @@ def make_pairs(count: int, *, held_out: bool, max_number: int, eval_fraction: fl
     return rows
 
 
-def write_task(out_dir: str | Path, *, train_pairs: int, eval_pairs: int, max_number: int, eval_fraction: float, seed: int) -> tuple[str, str]:
+def write_task(
+    out_dir: str | Path, *, train_pairs: int, eval_pairs: int, max_number: int, eval_fraction: float, seed: int
+) -> tuple[str, str]:
     """Write train.jsonl and eval.jsonl (explicit prompt/chosen/rejected); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

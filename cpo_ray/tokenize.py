@@ -56,6 +56,10 @@ def encode_prompts(tokenizer, prompts: list[str], special: Special) -> list[list
 
 
 def encode_responses(tokenizer, texts: list[str], special: Special) -> list[list[int]]:
+    # A chat template ends an assistant turn with its own EOS text (maybe plus a newline): keep that
+    # EOS as the last scored token instead of appending a second one after the newline.
+    eos = tokenizer.eos_token
+    texts = [t.rstrip() if eos and t.rstrip().endswith(eos) else t for t in texts]
     out = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [ids if ids[-1:] == [special.eos_id] else [*ids, special.eos_id] for ids in out]
 
@@ -85,11 +89,14 @@ def tokenize_batch(tokenizer, special: Special, prompts, chosens, rejecteds, max
     for p, c, r in zip(p_ids, c_ids, r_ids, strict=True):
         try:
             if not p:
-                raise RowError("empty_prompt", "prompt has no tokens: the first response token would be unscored", "prompt")
+                raise RowError(
+                    "empty_prompt", "prompt has no tokens: the first response token would be unscored", "prompt"
+                )
             if c == r:
                 raise RowError("identical_responses", "chosen and rejected tokenize identically", "rejected")
+            full = len(p) + max(len(c), len(r))
             p, c, r = truncate_pair(p, c, r, max_length)
-            rows.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+            rows.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "truncated": full > max_length})
             errors.append(None)
         except RowError as e:
             rows.append(None)

@@ -1,0 +1,137 @@
+"""Micro-batches of preference pairs and the sequence log-probs of their REAL response tokens.
+
+A micro-batch of B pairs holds 2B sequences: chosen 0..B-1, then rejected B..2B-1, scored by ONE
+forward. Rows are either padded (one sequence per row, right padding) or packed (several sequences
+per row, position ids restarting at each, no padding inside). Either way the batch carries a flat
+list of scored positions:
+
+    pred_idx[t]  flat index (row * L + col) of the position whose output predicts token t
+    tgt_ids[t]   the real response token at the next position (prompt and padding never appear)
+    seq_idx[t]   which of the 2B sequences token t belongs to
+
+so log p(y|x) = sum_t [logit(tgt_t) - logsumexp(logits)] per sequence, and only response positions
+go through the LM head: no [N, L, V] logits, no full-vocabulary log_softmax copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+def _sequences(batch: dict) -> list[tuple[np.ndarray, int]]:
+    """(token ids, prompt length) for the 2B sequences: chosen first, then rejected."""
+    prompts = batch["prompt_ids"]
+    seqs = [(np.concatenate([p, c]), len(p)) for p, c in zip(prompts, batch["chosen_ids"], strict=True)]
+    seqs += [(np.concatenate([p, r]), len(p)) for p, r in zip(prompts, batch["rejected_ids"], strict=True)]
+    return seqs
+
+
+def _targets(seqs, starts_rows, width):
+    """pred_idx / tgt_ids / seq_idx for sequences placed at (row, col) offsets in a [R, width] grid."""
+    pred, tgt, sid = [], [], []
+    for s, ((ids, plen), (row, col)) in enumerate(zip(seqs, starts_rows, strict=True)):
+        n = len(ids) - plen  # response tokens, all scored (EOS included)
+        base = row * width + col
+        pred.append(np.arange(base + plen - 1, base + len(ids) - 1))
+        tgt.append(ids[plen:])
+        sid.append(np.full(n, s))
+    return (
+        torch.from_numpy(np.concatenate(pred).astype(np.int64)),
+        torch.from_numpy(np.concatenate(tgt).astype(np.int64)),
+        torch.from_numpy(np.concatenate(sid).astype(np.int64)),
+    )
+
+
+def collate_padded(batch: dict, pad_id: int) -> dict:
+    """One sequence per row, right-padded to the longest: works with every attention kernel."""
+    seqs = _sequences(batch)
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, (ids, _) in enumerate(seqs):
+        input_ids[i, : len(ids)] = ids
+        mask[i, : len(ids)] = 1
+    pred, tgt, sid = _targets(seqs, [(i, 0) for i in range(len(seqs))], width)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(mask),
+        "position_ids": None,
+        "pred_idx": pred,
+        "tgt_ids": tgt,
+        "seq_idx": sid,
+        "num_seqs": len(seqs),
+        "tokens": int(mask.sum()),
+    }
+
+
+def collate_packed(batch: dict, pad_id: int, row_tokens: int | None = None) -> dict:
+    """Sequences concatenated into rows of at most row_tokens (default: the longest sequence's length).
+
+    Position ids restart at 0 for each sequence; transformers turns restarting position ids (with
+    no attention mask) into a block-diagonal causal mask, so no token attends across sequences.
+    Rows are filled first-fit by decreasing length; only the row tails are padding.
+    """
+    seqs = _sequences(batch)
+    width = max(row_tokens or 0, max(len(ids) for ids, _ in seqs))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    fill: list[int] = []  # tokens used per row
+    place = [None] * len(seqs)
+    for i in order:
+        n = len(seqs[i][0])
+        row = next((r for r, used in enumerate(fill) if used + n <= width), None)
+        if row is None:
+            row = len(fill)
+            fill.append(0)
+        place[i] = (row, fill[row])
+        fill[row] += n
+    width = max(fill)
+    input_ids = np.full((len(fill), width), pad_id, dtype=np.int64)
+    # Padding tails get their own restarting positions: they form a dummy "sequence" never scored.
+    position_ids = np.tile(np.arange(width, dtype=np.int64), (len(fill), 1))
+    for (ids, _), (row, col) in zip(seqs, place, strict=True):
+        input_ids[row, col : col + len(ids)] = ids
+        position_ids[row, col : col + len(ids)] = np.arange(len(ids))
+    for row, used in enumerate(fill):
+        position_ids[row, used:] = np.arange(width - used)
+    pred, tgt, sid = _targets(seqs, place, width)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": None,
+        "position_ids": torch.from_numpy(position_ids),
+        "pred_idx": pred,
+        "tgt_ids": tgt,
+        "seq_idx": sid,
+        "num_seqs": len(seqs),
+        "tokens": int(sum(fill)),
+    }
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob, scored token count) per sequence, [2B] each, from ONE forward of `model`.
+
+    `model` is a transformers causal LM (optionally peft- or DeepSpeed-wrapped): its decoder runs on
+    all tokens, its LM head only on the positions that predict a response token.
+    """
+    device = next(model.parameters()).device
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=None if batch["attention_mask"] is None else batch["attention_mask"].to(device),
+        position_ids=None if batch["position_ids"] is None else batch["position_ids"].to(device),
+        use_cache=False,
+    ).last_hidden_state
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["pred_idx"].to(device))
+    logits = model.get_output_embeddings()(h).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-2 style soft-capping, applied by the model's own forward after the head
+        logits = torch.tanh(logits / cap) * cap
+    tgt = batch["tgt_ids"].to(device)
+    tok_logp = logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    sid = batch["seq_idx"].to(device)
+    n = batch["num_seqs"]
+    logp = torch.zeros(n, device=device, dtype=tok_logp.dtype).index_add_(0, sid, tok_logp)
+    count = torch.bincount(sid, minlength=n).to(tok_logp.dtype)
+    return logp, count
+

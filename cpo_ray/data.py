@@ -1,0 +1,330 @@
+"""Preference shards -> tokenized pairs on Ray Data, with every row accounted for.
+
+    read (one task per file, batches of lines with file:line) -> normalise + tokenize (actor pool,
+    tokenizer loaded once per actor) -> kept rows to Parquet, rejects counted by reason
+
+`prepare(cfg)` writes `<data_dir>/{train,eval}/*.parquet` and `<data_dir>/prepare_report.json` and
+fails when the rejected share exceeds data.max_reject_fraction. `train_stream(data_dir)` is the lazy
+Ray Dataset the trainer streams (read_parquet: workers start on the first blocks). Inputs: JSONL,
+JSONL.gz and Parquet; local paths, globs, folders or any fsspec URI (s3://, gs://, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from cpo_ray.config import Config, DataConfig
+from cpo_ray.tokenize import RowError, Special, tokenize_batch
+
+READ_BATCH = 1024
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+MAX_EXAMPLES = 5  # file:line examples kept per reject reason
+
+OUT_SCHEMA = pa.schema(
+    [
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("chosen_ids", pa.list_(pa.int32())),
+        ("rejected_ids", pa.list_(pa.int32())),
+        ("truncated", pa.bool_()),
+        ("source", pa.string()),
+        ("reason", pa.string()),  # null = kept
+        ("message", pa.string()),
+    ]
+)
+KEPT_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "truncated", "source"]
+
+
+class DataError(RuntimeError):
+    """Input that cannot be read at all (missing file, truncated gzip, unreadable Parquet)."""
+
+
+def expand_files(specs: list[str]) -> list[str]:
+    """Paths, globs, folders and URIs -> sorted file URIs; a spec matching nothing is an error."""
+    files: list[str] = []
+    for spec in specs:
+        fs, path = fsspec.core.url_to_fs(spec)
+        if any(c in path for c in "*?["):
+            found = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if p.endswith(SUFFIXES))
+        elif fs.exists(path):
+            found = [path]
+        else:
+            raise DataError(f"data file not found: {spec}")
+        if not found:
+            raise DataError(f"no data files match {spec!r} (expected {', '.join(SUFFIXES)})")
+        files += [fs.unstrip_protocol(p) if "://" in spec else str(Path(p).resolve()) for p in found]
+    return files
+
+
+def _lines(path: str):
+    """(line_no, raw bytes) for a JSONL / JSONL.gz file (compression from the suffix)."""
+    with fsspec.open(path, "rb", compression="infer") as stream:
+        line_no = 0
+        try:
+            for line_no, line in enumerate(stream, 1):  # noqa: B007 - line_no is read after the loop
+                yield line_no, line
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(f"{path}: unreadable after line {line_no} ({type(e).__name__}: {e})") from None
+
+
+def read_file(batch: dict) -> dict:
+    """Ray Data generator UDF: one file path in, batches of {source, raw} out (raw = one JSON text)."""
+    (path,) = batch["path"]
+    sources, raws = [], []
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            with fsspec.open(path, "rb") as f:
+                row = 0
+                for rb in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH):
+                    for rec in rb.to_pylist():
+                        row += 1
+                        sources.append(f"{path}:row{row}")
+                        raws.append(json.dumps(rec, default=str))
+                    yield {"source": sources, "raw": raws}
+                    sources, raws = [], []
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: unreadable Parquet ({e})") from None
+        return
+    for line_no, line in _lines(path):
+        if not line.strip():
+            continue  # blank lines are not records (a trailing newline, spacing)
+        sources.append(f"{path}:{line_no}")
+        try:
+            raws.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raws.append(None)  # counted as bad_encoding by the tokenizer stage
+        if len(raws) >= READ_BATCH:
+            yield {"source": sources, "raw": raws}
+            sources, raws = [], []
+    if raws:
+        yield {"source": sources, "raw": raws}
+
+
+class Tokenize:
+    """Actor-pool UDF: normalise each record and tokenize the batch; rejects are kept as rows with a reason."""
+
+    def __init__(self, model_path: str, data: dict, trust_remote_code: bool = False):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.special = Special.of(self.tok)
+        self.cfg = DataConfig.model_validate(data)
+
+    def _record(self, raw):
+        from cpo_ray.formats import detect_format, normalize
+
+        if raw is None:
+            raise RowError("bad_encoding", "line is not valid UTF-8")
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise RowError("malformed_json", f"not valid JSON: {str(e)[:120]}") from None
+        if not isinstance(rec, dict):
+            raise RowError("not_an_object", f"a record must be a JSON object, got {type(rec).__name__}")
+        cols = self.cfg.columns or None
+        fmt = detect_format(rec, cols) if self.cfg.format == "auto" else self.cfg.format
+        return normalize(rec, fmt, self.tok, cols)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        n = len(batch["source"])
+        triples, errors = [], [None] * n
+        for i, raw in enumerate(batch["raw"]):
+            try:
+                triples.append((i, *self._record(raw)))
+            except RowError as e:
+                errors[i] = e
+            except Exception as e:  # noqa: BLE001 - a record must never crash the pipeline uncounted
+                errors[i] = RowError("bad_record", f"{type(e).__name__}: {str(e)[:200]}")
+        rows: list = [None] * n
+        if triples:
+            idx, p, c, r = zip(*triples, strict=True)
+            tok_rows, tok_errs = tokenize_batch(self.tok, self.special, p, c, r, self.cfg.max_length)
+            for i, row, err in zip(idx, tok_rows, tok_errs, strict=True):
+                rows[i], errors[i] = row, err
+        empty: list[int] = []
+        return pa.table(
+            {
+                "prompt_ids": [r["prompt_ids"] if r else empty for r in rows],
+                "chosen_ids": [r["chosen_ids"] if r else empty for r in rows],
+                "rejected_ids": [r["rejected_ids"] if r else empty for r in rows],
+                "truncated": [bool(r and r["truncated"]) for r in rows],
+                "source": list(batch["source"]),
+                "reason": [e.reason if e else None for e in errors],
+                "message": [(f"{e.field}: {e}" if e.field else str(e)) if e else None for e in errors],
+            },
+            schema=OUT_SCHEMA,
+        )
+
+
+def tokenized_dataset(files: list[str], cfg: Config, model_path: str, num_actors: int | None = None):
+    """Lazy Ray Dataset of tokenized rows (kept and rejected, see OUT_SCHEMA) for the given files."""
+    import ray
+
+    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    # Reading stays a separate (unfused) stage with its own small CPU share, so one big file read
+    # by one task still feeds every tokenizer actor.
+    raw = paths.map_batches(read_file, batch_size=1, num_cpus=0.25)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    actors = num_actors or max(1, int(cpus))
+    return raw.map_batches(
+        Tokenize,
+        fn_constructor_kwargs={
+            "model_path": model_path,
+            "data": cfg.data.model_dump(),
+            "trust_remote_code": cfg.model.trust_remote_code,
+        },
+        batch_size=READ_BATCH,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        num_cpus=1 if cpus >= 2 else 0.5,
+    )
+
+
+def _stats(values: list[int]) -> dict:
+    if not values:
+        return {}
+    v = np.asarray(values)
+    q = np.percentile(v, [50, 95])
+    return {"mean": round(float(v.mean()), 1), "p50": int(q[0]), "p95": int(q[1]), "max": int(v.max())}
+
+
+def _held_out(source: str, fraction: float) -> bool:
+    h = hashlib.blake2b(source.encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+class _SplitWriter:
+    """Streams kept rows of one split to Parquet shards and accounts for every row it is shown."""
+
+    def __init__(self, out_dir: Path, rows_per_file: int):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for old in out_dir.glob("*.parquet"):
+            old.unlink()
+        self.out_dir, self.rows_per_file = out_dir, rows_per_file
+        self.writer, self.in_file, self.files = None, 0, []
+        self.read = self.truncated = 0
+        self.reasons: Counter = Counter()
+        self.examples: dict[str, list[str]] = defaultdict(list)
+        self.lens: dict[str, list[int]] = {c: [] for c in KEPT_COLUMNS[:3]}
+
+    def add(self, table: pa.Table) -> None:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        self.read += table.num_rows
+        rejected = table.filter(pc.is_valid(table.column("reason")))
+        for r, src, msg in zip(*(rejected.column(c).to_pylist() for c in ("reason", "source", "message")), strict=True):
+            self.reasons[r] += 1
+            if len(self.examples[r]) < MAX_EXAMPLES:
+                self.examples[r].append(f"{src}: {msg}")
+        kept = table.filter(pc.is_null(table.column("reason"))).select(KEPT_COLUMNS)
+        self.truncated += int(pc.sum(kept.column("truncated")).as_py() or 0)
+        for c in self.lens:
+            self.lens[c] += pc.list_value_length(kept.column(c)).to_pylist()
+        while kept.num_rows:
+            if self.writer is None:
+                path = self.out_dir / f"part-{len(self.files):05d}.parquet"
+                self.writer, self.in_file = pq.ParquetWriter(path, kept.schema), 0
+                self.files.append(str(path))
+            take = min(kept.num_rows, self.rows_per_file - self.in_file)
+            self.writer.write_table(kept.slice(0, take))
+            kept, self.in_file = kept.slice(take), self.in_file + take
+            if self.in_file >= self.rows_per_file:
+                self.writer.close()
+                self.writer = None
+
+    def close(self, files: list[str]) -> dict:
+        if self.writer is not None:
+            self.writer.close()
+        rejected = sum(self.reasons.values())
+        return {
+            "files": files,
+            "rows_read": self.read,
+            "rows_kept": self.read - rejected,
+            "rows_rejected": rejected,
+            "rejected_by_reason": dict(self.reasons.most_common()),
+            "examples": dict(self.examples),
+            "truncated": self.truncated,
+            "tokens": {c.removesuffix("_ids"): _stats(v) for c, v in self.lens.items()},
+            "parquet": self.files,
+        }
+
+
+def prepare(cfg: Config, model_path: str) -> dict:
+    """Tokenize train (and held-out) shards to Parquet under cfg.data_dir; returns the report.
+
+    One pass: Ray Data tokenizes in parallel actors while the driver streams kept rows to Parquet
+    and counts rejects, so memory stays bounded by a few batches whatever the data size.
+    """
+    import pyarrow.compute as pc
+    import ray
+
+    from cpo_ray.synthetic import write_task
+
+    data_dir = Path(cfg.data_dir)
+    train_files, eval_files = list(cfg.data.train_files), list(cfg.data.eval_files)
+    if cfg.data.synthetic is not None:
+        s = cfg.data.synthetic
+        tr, ev = write_task(data_dir / "raw", **s.model_dump())
+        train_files, eval_files = [tr], [ev]
+    if not train_files:
+        raise DataError("no training data: set data.train_files or data.synthetic")
+    inputs = {"train": expand_files(train_files)}
+    if eval_files:
+        inputs["eval"] = expand_files(eval_files)
+    carve = not eval_files and cfg.data.eval_split > 0  # hold out rows of the train files by hash
+    report: dict = {"model": model_path, "max_length": cfg.data.max_length, "splits": {}}
+    for split, files in inputs.items():
+        writers = {split: _SplitWriter(data_dir / split, cfg.data.rows_per_file)}
+        if carve:
+            writers["eval"] = _SplitWriter(data_dir / "eval", cfg.data.rows_per_file)
+        try:
+            for batch in tokenized_dataset(files, cfg, model_path).iter_batches(
+                batch_format="pyarrow", batch_size=None
+            ):
+                batch = batch.cast(OUT_SCHEMA)
+                if carve:
+                    held = pa.array([_held_out(x, cfg.data.eval_split) for x in batch.column("source").to_pylist()])
+                    writers["eval"].add(batch.filter(held))
+                    batch = batch.filter(pc.invert(held))
+                writers[split].add(batch)
+        except ray.exceptions.RayTaskError as e:
+            raise DataError(str(e.as_instanceof_cause()).strip().splitlines()[-1]) from None
+        for name, w in writers.items():
+            report["splits"][name] = w.close(files)
+    total_read = sum(r["rows_read"] for r in report["splits"].values())
+    total_rej = sum(r["rows_rejected"] for r in report["splits"].values())
+    report.update(rows_read=total_read, rows_kept=total_read - total_rej, rows_rejected=total_rej)
+    report["rejected_share"] = total_rej / total_read if total_read else 0.0
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "prepare_report.json").write_text(json.dumps(report, indent=2))
+    if report["rejected_share"] > cfg.data.max_reject_fraction:
+        reasons: Counter = Counter()
+        for r in report["splits"].values():
+            reasons.update(r["rejected_by_reason"])
+        raise DataError(
+            f"{total_rej}/{total_read} rows rejected ({report['rejected_share']:.1%} > "
+            f"data.max_reject_fraction={cfg.data.max_reject_fraction:.1%}): {dict(reasons)}; "
+            f"examples in {data_dir / 'prepare_report.json'}"
+        )
+    return report
+
+
+def train_stream(data_dir: str, split: str = "train"):
+    """The lazy Ray Dataset of tokenized pairs that TorchTrainer splits across workers."""
+    import ray
+
+    path = Path(data_dir) / split
+    if not any(path.glob("*.parquet")):
+        raise DataError(f"no tokenized {split} data in {path}: run `cpo-ray prepare` first")
+    return ray.data.read_parquet(str(path), columns=KEPT_COLUMNS[:3])

@@ -1,0 +1,207 @@
+"""Turn one raw preference record into a (prompt, chosen, rejected) triple of text.
+
+Four input formats (TRL's names), detected per record or named in DataConfig.format:
+
+    explicit        {"prompt": str, "chosen": str, "rejected": str}
+    conversational  {"prompt": [msgs]?, "chosen": [msgs], "rejected": [msgs]}  (msgs = {role, content})
+    implicit        {"chosen": str, "rejected": str}: whole HH-RLHF dialogues sharing a prefix
+    sharegpt        {"conversations": [{from, value}], "chosen": {from, value}, "rejected": {from, value}}
+
+Messages are rendered with the tokenizer's chat template, so the text is what the model sees at
+inference; tokenization (BOS on the prompt, EOS after each response) happens in cpo_ray.tokenize.
+A record that cannot be used raises RowError(reason, message, field), `field` being the source field
+name (after DataConfig.columns mapping). A tokenizer without a chat template is a config error and
+raises ValueError, not RowError.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cpo_ray.tokenize import RowError
+
+FORMATS = ("explicit", "conversational", "implicit", "sharegpt")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def _names(columns: dict[str, str] | None) -> dict[str, str]:
+    names = {k: k for k in ("prompt", "chosen", "rejected", "conversations")}
+    names.update(columns or {})
+    return names
+
+
+def _get(record: dict, target: str, names: dict[str, str]):
+    src = names[target]
+    if src not in record:
+        mapped = f" (mapped from {target!r})" if src != target else ""
+        raise RowError("missing_field", f"record has no field {src!r}{mapped}", src)
+    return record[src]
+
+
+def _string(value, field: str) -> str:
+    if not isinstance(value, str):
+        raise RowError("not_string", f"{field!r} must be a string, got {type(value).__name__}", field)
+    return value
+
+
+def _is_messages(value, key: str) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and key in m for m in value)
+
+
+def detect_format(record: dict, columns: dict[str, str] | None = None) -> str:
+    """The format of one record by the shape of its fields; RowError("unknown_format") if none fits."""
+    if not isinstance(record, dict):
+        raise RowError("unknown_format", f"record is a {type(record).__name__}, not a mapping")
+    names = _names(columns)
+    chosen, rejected = record.get(names["chosen"]), record.get(names["rejected"])
+    if names["conversations"] in record and all(
+        (isinstance(x, dict) and "from" in x) or _is_messages(x, "from") for x in (chosen, rejected)
+    ):
+        return "sharegpt"
+    if _is_messages(chosen, "role") and _is_messages(rejected, "role"):
+        return "conversational"
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        # A prompt field that is present but null or not a string is reported by normalize, precisely.
+        return "explicit" if names["prompt"] in record else "implicit"
+    raise RowError("unknown_format", f"no known preference format fits fields {sorted(record)}", names["chosen"])
+
+
+def _messages(value, field: str) -> list[dict]:
+    """Validated copy keeping only role/content, so extra keys never change the rendered text."""
+    if not isinstance(value, list):
+        raise RowError("bad_messages", f"{field!r} must be a list of messages, got {type(value).__name__}", field)
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RowError("bad_messages", f"{field}[{i}] is not a {{role: str, content: str}} message", field)
+        if m["role"] not in ROLES:
+            raise RowError("bad_messages", f"{field}[{i}] has unknown role {m['role']!r}", field)
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _check_response(msgs: list[dict], field: str) -> None:
+    if not msgs or all(not m["content"].strip() for m in msgs):
+        raise RowError("empty_response", f"{field!r} has no text", field)
+    if msgs[0]["role"] != "assistant":
+        raise RowError(
+            "bad_messages", f"{field!r} must start with an assistant message, not {msgs[0]['role']!r}", field
+        )
+
+
+def _split_messages(chosen: list[dict], rejected: list[dict], names: dict[str, str]):
+    """Implicit conversational: the shared messages before the last assistant turn at or before the
+    first difference are the prompt (TRL's maybe_extract_prompt, but never cutting inside a turn pair)."""
+    d = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), None)
+    if d is None:
+        if len(chosen) == len(rejected):
+            raise RowError("identical_responses", "chosen and rejected are the same messages", names["rejected"])
+        d = min(len(chosen), len(rejected))
+    for i in range(d, -1, -1):
+        starts = [side[i]["role"] if i < len(side) else None for side in (chosen, rejected)]
+        if starts == ["assistant", "assistant"]:
+            if i == 0:
+                raise RowError("empty_prompt", "no messages precede the first assistant turn", names["chosen"])
+            return chosen[:i], chosen[i:], rejected[i:]
+    raise RowError("unparseable_dialogue", "no assistant turn at or before where the sides differ", names["chosen"])
+
+
+def _render(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict], names: dict, prompt_field: str):
+    """Template prompt (with generation prompt) and prompt+response; the response is the full text minus
+    the prompt text, so prompt + response is exactly what the template renders for the whole dialogue."""
+    if not prompt:
+        raise RowError("empty_prompt", f"{prompt_field!r} has no messages", prompt_field)
+    _check_response(chosen, names["chosen"])
+    _check_response(rejected, names["rejected"])
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    out = [prompt_text]
+    for target, msgs in (("chosen", chosen), ("rejected", rejected)):
+        full = tokenizer.apply_chat_template(prompt + msgs, tokenize=False)
+        if not full.startswith(prompt_text):
+            msg = f"chat template renders prompt+{target} without the prompt's text as its start"
+            raise RowError("bad_messages", msg, names[target])
+        out.append(full[len(prompt_text) :])
+    return tuple(out)
+
+
+def _conversational(record: dict, tokenizer, names: dict[str, str]):
+    chosen = _messages(_get(record, "chosen", names), names["chosen"])
+    rejected = _messages(_get(record, "rejected", names), names["rejected"])
+    # A null prompt counts as absent: Arrow readers fill a column missing from some rows with nulls.
+    if record.get(names["prompt"]) is not None:
+        prompt = _messages(record[names["prompt"]], names["prompt"])
+    else:
+        prompt, chosen, rejected = _split_messages(chosen, rejected, names)
+    return _render(tokenizer, prompt, chosen, rejected, names, names["prompt"])
+
+
+def _sharegpt_messages(value, field: str) -> list[dict]:
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list):
+        raise RowError("bad_messages", f"{field!r} must be a {{from, value}} message or a list of them", field)
+    out = []
+    for i, m in enumerate(items):
+        if not isinstance(m, dict) or not isinstance(m.get("from"), str) or not isinstance(m.get("value"), str):
+            raise RowError("bad_messages", f"{field}[{i}] is not a {{from: str, value: str}} message", field)
+        if m["from"] not in SHAREGPT_ROLES:
+            raise RowError("bad_messages", f"{field}[{i}] has unknown speaker {m['from']!r}", field)
+        out.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
+    return out
+
+
+def _sharegpt(record: dict, tokenizer, names: dict[str, str]):
+    prompt = _sharegpt_messages(_get(record, "conversations", names), names["conversations"])
+    chosen = _sharegpt_messages(_get(record, "chosen", names), names["chosen"])
+    rejected = _sharegpt_messages(_get(record, "rejected", names), names["rejected"])
+    return _render(tokenizer, prompt, chosen, rejected, names, names["conversations"])
+
+
+def _implicit_text(chosen: str, rejected: str, names: dict[str, str]):
+    """HH-RLHF: the prompt ends with the last complete "\\n\\nAssistant:" inside the shared prefix, so a
+    difference inside the marker, or one side ending early, falls back to the turn before; the remainders
+    keep their leading space, and prompt + response reproduces each side exactly."""
+    if chosen == rejected:
+        raise RowError("identical_responses", "chosen and rejected dialogues are identical", names["rejected"])
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = shared.rfind(HH_ASSISTANT)
+    if cut < 0:
+        msg = 'no "\\n\\nAssistant:" turn precedes where chosen and rejected differ'
+        raise RowError("unparseable_dialogue", msg, names["chosen"])
+    end = cut + len(HH_ASSISTANT)
+    if not chosen[:cut].strip():
+        raise RowError("empty_prompt", "nothing precedes the first assistant turn", names["chosen"])
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def normalize(record: dict, fmt: str, tokenizer, columns: dict[str, str] | None = None) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) text of one record in format `fmt` ("auto" detects it per record)."""
+    if fmt == "auto":
+        fmt = detect_format(record, columns)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS} or 'auto'")
+    names = _names(columns)
+    if fmt == "sharegpt":
+        prompt, chosen, rejected = _sharegpt(record, tokenizer, names)
+    elif fmt == "conversational":
+        prompt, chosen, rejected = _conversational(record, tokenizer, names)
+    elif fmt == "implicit" and isinstance(record.get(names["chosen"]), list):
+        # Implicit conversational: message lists with the prompt inside them, so any prompt field is ignored.
+        record = {k: v for k, v in record.items() if k != names["prompt"]}
+        prompt, chosen, rejected = _conversational(record, tokenizer, names)
+    else:
+        chosen = _string(_get(record, "chosen", names), names["chosen"])
+        rejected = _string(_get(record, "rejected", names), names["rejected"])
+        if fmt == "explicit":
+            prompt = _string(_get(record, "prompt", names), names["prompt"])
+            if not prompt.strip():
+                raise RowError("empty_prompt", f"{names['prompt']!r} is empty", names["prompt"])
+        else:
+            prompt, chosen, rejected = _implicit_text(chosen, rejected, names)
+    for target, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise RowError("empty_response", f"{names[target]!r} is empty or whitespace", names[target])
+    if chosen == rejected:
+        raise RowError("identical_responses", "chosen and rejected are the same text", names["rejected"])
+    return prompt, chosen, rejected

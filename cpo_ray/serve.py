@@ -1,0 +1,215 @@
+"""Serve base and tuned models behind one OpenAI-compatible API with Ray Serve LLM (vLLM engines).
+
+    url = start_server(cfg.serve, {"base": base_dir, "tuned": tuned_dir}, detached=False)
+    client = openai.OpenAI(base_url=url, api_key=key or "none")   # /v1/models, /v1/completions, ...
+    stop_server()                                                 # from any process on the cluster
+
+`detached=True` connects to a running cluster (`ray start --head`, or RAY_ADDRESS) so the app
+outlives this process; `cpo-ray serve --stop` then calls stop_server() from a new process.
+With an API key (cfg.api_key or env CPO_RAY_API_KEY) every request needs `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cpo_ray.config import ServeConfig
+
+APP_NAME = "cpo-ray"
+API_KEY_ENV = "CPO_RAY_API_KEY"
+# Small CPU shares so two models + a 0-CPU ingress schedule on a 2-CPU Ray next to other work; the
+# engine's threads are not limited by these numbers, they only reserve scheduling room.
+CPU_REPLICA_CPUS = 0.25
+CPU_ENGINE_CPUS = 0.25
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "gpu" when this process sees CUDA, else "cpu"."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_api_key(cfg: ServeConfig) -> str | None:
+    return cfg.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("CPO_RAY_CACHE_DIR") or str(Path.home() / ".cache" / "cpo_ray")
+
+
+def _engine_settings(cfg: ServeConfig, device: str, n_models: int) -> dict:
+    """LLMConfig fields that differ between CPU and GPU engines."""
+    engine = {"max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs, "trust_remote_code": False}
+    if device == "cpu":
+        # float32 + eager: bf16 is ~10x slower without AVX-512 and graph capture buys nothing on CPU.
+        engine |= {"dtype": "float32" if cfg.dtype == "auto" else cfg.dtype, "enforce_eager": True}
+        if cfg.kv_cache_memory_bytes:
+            engine["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+        return {
+            "engine_kwargs": engine,
+            "accelerator_config": {"kind": "cpu"},
+            "deployment_config": {"num_replicas": 1, "ray_actor_options": {"num_cpus": CPU_REPLICA_CPUS}},
+            "placement_group_config": {"bundle_per_worker": {"CPU": CPU_ENGINE_CPUS}},
+        }
+    import ray
+    import torch
+
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
+    # Models that do not get a GPU each share one: a fractional GPU bundle and an equal memory split,
+    # since every vLLM engine claims gpu_memory_utilization of the WHOLE card at start-up.
+    share = max(1, -(-n_models // max(gpus, 1))) if cfg.tensor_parallel_size == 1 else 1
+    engine |= {
+        "dtype": "bfloat16" if cfg.dtype == "auto" else cfg.dtype,
+        "enforce_eager": cfg.enforce_eager,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization / share,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+    }
+    out = {"engine_kwargs": engine, "accelerator_config": {"kind": "gpu"}, "deployment_config": {"num_replicas": 1}}
+    if share > 1:
+        out["placement_group_config"] = {"bundle_per_worker": {"GPU": 1.0 / share, "CPU": 1}}
+    return out
+
+
+def _env_vars(device: str, cache_dir: str, local_model: bool) -> dict:
+    env = {
+        "VLLM_CACHE_ROOT": str(Path(cache_dir) / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(Path(cache_dir) / "inductor"),
+    }
+    if device == "cpu":
+        env["TORCHDYNAMO_DISABLE"] = "1"  # eager engine: skip dynamo's compile probes (slow on CPU)
+    if local_model:
+        env["HF_HUB_OFFLINE"] = "1"  # a folder needs no hub look-ups; fail fast instead of timing out
+    return env
+
+
+class BearerAuth:
+    """ASGI middleware: 401 unless `Authorization: Bearer <key>` (constant-time compare)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            got = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                body = json.dumps(
+                    {"error": {"message": "invalid or missing API key", "type": "authentication_error", "code": 401}}
+                ).encode()
+                headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+                await send({"type": "http.response.start", "status": 401, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def build_llm_app(cfg: ServeConfig, models: dict[str, str], *, cache_dir: str | None = None):
+    """A Serve application: one vLLM deployment per served id plus the OpenAI ingress (0 CPUs)."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import init as init_fastapi
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+
+    if not models:
+        raise ValueError("serve: no models to serve (pass {served_id: model folder})")
+    device = resolve_device(cfg.device)
+    cache = cache_dir or default_cache_dir()
+    configs = []
+    for model_id, source in models.items():
+        local = Path(source).is_dir()
+        configs.append(
+            LLMConfig(
+                model_loading_config={"model_id": model_id, "model_source": str(Path(source).resolve()) if local else source},
+                runtime_env={"env_vars": _env_vars(device, cache, local)},
+                **_engine_settings(cfg, device, len(models)),
+            )
+        )
+    # Same wiring as ray.serve.llm.build_openai_app, except that we hand make_fastapi_ingress our
+    # own FastAPI app (the stock one + Bearer auth): build_openai_app offers no way to add middleware,
+    # and Serve 2.60 removed HTTPOptions.middlewares in favour of exactly this FastAPI route.
+    app = init_fastapi()
+    api_key = resolve_api_key(cfg)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)  # added last = runs first, before any routing
+    options = OpenAiIngress.get_deployment_options(configs)
+    options["ray_actor_options"] = {"num_cpus": 0}
+    ingress = make_fastapi_ingress(OpenAiIngress, app=app)
+    from ray import serve
+
+    return serve.deployment(ingress, **options).bind(
+        llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
+        model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
+    )
+
+
+def _listed_models(url: str, api_key: str | None) -> set[str]:
+    req = urllib.request.Request(f"{url}/models")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return {m["id"] for m in json.load(resp)["data"]}
+
+
+def _app_state() -> tuple[str, str]:
+    """(status, message) of our Serve app; the message gathers the deployments' errors."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is None:
+        return "NOT_STARTED", ""
+    details = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+    return getattr(app.status, "value", str(app.status)), "; ".join([app.message, *details])
+
+
+def start_server(cfg: ServeConfig, models: dict[str, str], *, detached: bool, cache_dir: str | None = None) -> str:
+    """Deploy the models, wait until /v1/models lists each id, print and return the base URL (.../v1)."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        # detached: the app must outlive this driver, so it has to live on an already running cluster.
+        ray.init(address="auto" if detached else None)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run_many(
+        [serve.RunTarget(target=build_llm_app(cfg, models, cache_dir=cache_dir), name=APP_NAME, route_prefix="/")],
+        wait_for_ingress_deployment_creation=False,
+        wait_for_applications_running=False,
+    )
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    url = f"http://{host}:{cfg.port}/v1"
+    api_key, want = resolve_api_key(cfg), set(models)
+    deadline = time.monotonic() + cfg.ready_timeout_s
+    while True:
+        # The ingress answers /v1/models before the engines load: also wait for the app to run.
+        status, message = _app_state()
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"serve: deployment failed: {message}")
+        try:
+            if status == "RUNNING" and want <= _listed_models(url, api_key):
+                break
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            pass  # proxy not listening yet
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"serve: {sorted(want)} not ready at {url} after {cfg.ready_timeout_s:.0f}s ({status})")
+        time.sleep(1.0)
+    print(f"serving {', '.join(sorted(models))} at {url}" + (" (Bearer auth)" if api_key else ""), flush=True)
+    return url
+
+
+def stop_server() -> None:
+    """Shut Serve down on the cluster this process is (or can get) connected to."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address="auto")
+    serve.shutdown()

@@ -1,0 +1,413 @@
+"""CPO training: Ray Train TorchTrainer runs N workers, each a DeepSpeed engine over a causal LM.
+
+    cpo-ray train --config configs/tiny-cpu.yaml train.max_steps=200
+
+`train_loop` is the per-worker function and reads top to bottom: build model (full or LoRA) ->
+DeepSpeed (ZeRO 0-3, optional offload) -> resume -> stream the dataset shard -> loss, step, report ->
+checkpoint from every rank -> export. `run_training` is the driver: it builds the TorchTrainer,
+copies the exported model to `<output_dir>/final` (and `adapter/` with LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cpo_ray.batch import collate_packed, collate_padded, sequence_logps
+from cpo_ray.config import Config
+from cpo_ray.loss import cpo_objective
+
+STATE_FILE = "cpo_state.json"  # step + data position, next to DeepSpeed's files in each checkpoint
+METRIC_KEYS = [
+    "loss",
+    "nll_loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+]
+
+
+def lr_lambda(cfg, total_steps: int):
+    """Linear warmup, then cosine/linear decay to min_lr_ratio (constant: flat after warmup)."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return f
+
+
+def deepspeed_config(cfg: Config, world: int, bf16: bool) -> dict:
+    t = cfg.train
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if t.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        # A client torch AdamW: DeepSpeed's own CPU Adam compiles a C++ op for minutes on first use.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_model(cfg: Config, model_path: str, dtype: torch.dtype):
+    """transformers causal LM, LoRA-wrapped when cfg.model.lora.enabled."""
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code, "use_safetensors": True}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    model.config.use_cache = False
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=m.lora.r,
+            lora_alpha=m.lora.alpha,
+            lora_dropout=m.lora.dropout,
+            target_modules=m.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        if m.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def load_eval_pairs(data_dir: str, rank: int, world: int) -> list[dict]:
+    """This rank's share of the held-out split (row i goes to rank i % world), with global indices."""
+    import pyarrow.parquet as pq
+
+    path = Path(data_dir) / "eval"
+    files = sorted(path.glob("*.parquet"))
+    if not files:
+        return []
+    table = pq.read_table(files[0].parent, columns=["prompt_ids", "chosen_ids", "rejected_ids"])
+    rows = table.to_pylist()
+    return [dict(r, index=i) for i, r in enumerate(rows) if i % world == rank]
+
+
+def _as_batch(rows: list[dict]) -> dict:
+    return {k: np.array([np.asarray(r[k], dtype=np.int64) for r in rows] + [None], dtype=object)[:-1] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}  # noqa: E501
+
+
+def evaluate(engine, rows: list[dict], cfg: Config, pad_id: int, world: int) -> tuple[dict, list[dict]]:
+    """Held-out accuracy and margin (summed logps), all ranks together; ZeRO-3 needs every rank to run
+    the same number of forwards, so short ranks repeat their last batch and drop its results."""
+    import torch.distributed as dist
+
+    bs = cfg.train.micro_batch_size
+    n_local = torch.tensor([math.ceil(len(rows) / bs)], device=engine.device)
+    if world > 1:
+        dist.all_reduce(n_local, op=dist.ReduceOp.MAX)
+    engine.eval()
+    out = []
+    with torch.no_grad():
+        for b in range(int(n_local.item())):
+            chunk = rows[b * bs : (b + 1) * bs]
+            real = bool(chunk)
+            chunk = chunk or rows[-bs:] or None
+            if chunk is None:  # a rank with no eval rows at all still joins the collectives
+                continue
+            logp, _ = sequence_logps(engine.module, collate_padded(_as_batch(chunk), pad_id))
+            if real:
+                k = len(chunk)
+                for r, c, j in zip(chunk, logp[:k].tolist(), logp[k:].tolist(), strict=True):
+                    out.append({"index": r["index"], "logp_chosen": c, "logp_rejected": j})
+    engine.train()
+    local = torch.tensor(
+        [len(out), sum(o["logp_chosen"] > o["logp_rejected"] for o in out), sum(o["logp_chosen"] - o["logp_rejected"] for o in out)],
+        dtype=torch.float64,
+        device=engine.device,
+    )
+    if world > 1:
+        dist.all_reduce(local)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, out)
+        out = [o for part in gathered for o in part]
+    n = max(local[0].item(), 1)
+    return {"eval/accuracy": local[1].item() / n, "eval/margin": local[2].item() / n, "eval/n": int(local[0].item())}, sorted(out, key=lambda o: o["index"])  # noqa: E501
+
+
+def export_model(engine, cfg: Config, model_path: str, out_dir: Path, rank: int) -> None:
+    """Merged HF model (safetensors + tokenizer) to out_dir/final, and the adapter to out_dir/adapter.
+
+    Under ZeRO-3 the parameters are partitioned: every rank joins the gather, rank 0 writes.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.train.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective; None off rank 0
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    module = engine.module
+    if cfg.model.lora.enabled:
+        module.save_pretrained(out_dir / "adapter", state_dict=_adapter_state(module, state), safe_serialization=True)
+        # Fresh copy of the base, adapter weights loaded from the gathered state, then merged.
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)  # noqa: E501
+        from peft import PeftModel
+
+        merged = PeftModel.from_pretrained(base, out_dir / "adapter").merge_and_unload()
+    else:
+        merged = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)  # noqa: E501
+        missing, unexpected = merged.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k or not merged.config.tie_word_embeddings]:
+            raise RuntimeError(f"export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    merged.config.use_cache = True
+    merged.save_pretrained(out_dir / "final", safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(out_dir / "final")
+
+
+def _adapter_state(module, state: dict) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(module, state_dict=state)
+
+
+def train_loop(config: dict) -> None:
+    """Per-worker function run by Ray Train."""
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    cfg = Config.model_validate(config["cfg"])
+    model_path, data_dir, out_dir = config["model_path"], config["data_dir"], Path(config["output_dir"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))
+    torch.manual_seed(t.seed + rank)
+    use_gpu = t.use_gpu and torch.cuda.is_available()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        cfg.model.dtype, torch.bfloat16 if use_gpu else torch.float32
+    )
+    pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
+
+    # Build: model -> client AdamW + schedule -> DeepSpeed engine.
+    model = build_model(cfg, model_path, torch.float32 if dtype == torch.bfloat16 else dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, t.max_steps))
+    # The shared-memory comm op is only used with LOCAL_SIZE set; building it costs ~40 s per start.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world, dtype == torch.bfloat16),
+        dist_init_required=False,
+    )
+
+    # Resume: DeepSpeed state (weights, optimizer, scheduler) + our step and data position.
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag="ckpt")
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+        if rank == 0:
+            print(f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+    metrics_path = out_dir / "metrics.jsonl"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, state["step"])
+
+    eval_rows = load_eval_pairs(data_dir, rank, world)
+    shard = ray.train.get_dataset_shard("train")
+    collate = (lambda b: collate_packed(b, pad_id)) if t.packing else (lambda b: collate_padded(b, pad_id))
+
+    def checkpoint(metrics: dict, final: bool = False) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag="ckpt")
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+            if final:
+                export_model(engine, cfg, model_path, Path(tmp), rank)
+                if rank == 0 and metrics_path.exists():
+                    shutil.copy(metrics_path, Path(tmp) / "metrics.jsonl")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def log_eval(step: int) -> dict:
+        res, per_pair = evaluate(engine, eval_rows, cfg, pad_id, world)
+        if rank == 0 and per_pair:
+            (out_dir / "train_eval.json").write_text(json.dumps({"step": step, **res, "pairs": per_pair}))
+        return res
+
+    step, start, window_tokens, window_t = state["step"], time.time(), 0, time.time()
+    metrics: dict = log_eval(step) if step == 0 and eval_rows is not None else {}
+    if rank == 0 and metrics:
+        print(f"[cpo-ray] step 0 eval: accuracy {metrics['eval/accuracy']:.3f} margin {metrics['eval/margin']:.3f}")
+    epoch = state["epoch"]
+    while step < t.max_steps and epoch < t.epochs:
+        batches = shard.iter_batches(
+            batch_size=t.micro_batch_size,
+            batch_format="numpy",
+            drop_last=True,  # every rank must run the same number of steps
+            local_shuffle_buffer_size=t.micro_batch_size * 16,
+            local_shuffle_seed=t.seed + epoch * 1000 + rank,
+        )
+        sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=engine.device)
+        for i, raw in enumerate(batches):
+            if epoch == state["epoch"] and i < state["batch_in_epoch"]:
+                continue  # resume: these micro-batches were trained before the checkpoint
+            batch = collate(raw)
+            logp, count = sequence_logps(engine, batch)
+            b = batch["num_seqs"] // 2
+            loss, m = cpo_objective(
+                logp[:b],
+                logp[b:],
+                count[:b],
+                count[b:],
+                loss_type=t.loss_type,
+                beta=t.beta,
+                cpo_alpha=t.cpo_alpha,
+                label_smoothing=t.label_smoothing,
+                simpo_gamma=t.simpo_gamma,
+                alpha=t.alpha,
+            )
+            engine.backward(loss)
+            engine.step()
+            sums[:-1] += torch.stack([m[k].double() for k in METRIC_KEYS])
+            sums[-1] += batch["tokens"]
+            state.update(epoch=epoch, batch_in_epoch=i + 1)
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            step += 1
+            state["step"] = step
+            if world > 1:
+                dist.all_reduce(sums)
+            now = time.time()
+            window_tokens += sums[-1].item()
+            metrics = {k: sums[j].item() / (t.grad_accum * world) for j, k in enumerate(METRIC_KEYS)}
+            metrics.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0])
+            metrics["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+            metrics["tokens_per_s"] = sums[-1].item() / max(now - window_t, 1e-9)
+            window_t = now
+            sums.zero_()
+            if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+                metrics.update(log_eval(step))
+            if rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if step % t.log_every == 0 or "eval/accuracy" in metrics:
+                    _progress(metrics, step, t.max_steps, start, state)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+                checkpoint(metrics)
+            else:
+                ray.train.report(metrics)
+            if step >= t.max_steps:
+                break
+        else:
+            epoch += 1
+            state.update(epoch=epoch, batch_in_epoch=0)
+            continue
+        break
+    metrics.update(log_eval(step))
+    metrics["step"] = step
+    if rank == 0:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps({**metrics, "final": True}) + "\n")
+        _progress(metrics, step, t.max_steps, start, state)
+    checkpoint(metrics, final=True)
+
+
+def _progress(m: dict, step: int, total: int, start: float, state: dict) -> None:
+    elapsed = time.time() - start
+    done = max(step - state.get("resumed_from", 0), 1)
+    eta = elapsed / done * (total - step)
+    ev = f" | eval acc {m['eval/accuracy']:.3f} margin {m['eval/margin']:.3f}" if "eval/accuracy" in m else ""
+    print(
+        f"[cpo-ray] step {step}/{total} | loss {m.get('loss', float('nan')):.4f} | nll {m.get('nll_loss', float('nan')):.3f} "
+        f"| acc {m.get('rewards/accuracies', float('nan')):.2f} | {m.get('tokens_per_s', 0):,.0f} tok/s | eta {eta:,.0f}s{ev}",
+        flush=True,
+    )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint: those steps are trained again."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step and not json.loads(ln).get("final")]  # noqa: E501
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def run_training(cfg: Config, model_path: str):
+    """Driver: TorchTrainer over the tokenized train stream; copies the export into cfg.output_dir."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cpo_ray.data import train_stream
+
+    t = cfg.train
+    out_dir = Path(cfg.output_dir).resolve()
+    data_dir = str(Path(cfg.data_dir).resolve())
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "model_path": model_path,
+            "data_dir": data_dir,
+            "output_dir": str(out_dir),
+        },
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+        datasets={"train": train_stream(data_dir)},
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        for name in ("final", "adapter"):
+            src = Path(d) / name
+            if src.exists():
+                shutil.rmtree(out_dir / name, ignore_errors=True)
+                shutil.copytree(src, out_dir / name)
+        if (Path(d) / "metrics.jsonl").exists() and not (out_dir / "metrics.jsonl").exists():
+            shutil.copy(Path(d) / "metrics.jsonl", out_dir / "metrics.jsonl")
+    summary = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    summary["train_seconds"] = round(time.time() - t0, 1)
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return result
