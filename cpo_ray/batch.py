@@ -134,4 +134,3 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     logp = torch.zeros(n, device=device, dtype=tok_logp.dtype).index_add_(0, sid, tok_logp)
     count = torch.bincount(sid, minlength=n).to(tok_logp.dtype)
     return logp, count
-

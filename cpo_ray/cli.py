@@ -1,8 +1,8 @@
 """`cpo-ray` command line: prepare | train | serve | eval | pipeline, each with --config and overrides.
 
-    cpo-ray prepare --config configs/tiny-cpu.yaml
-    cpo-ray train --config configs/tiny-cpu.yaml train.max_steps=100
-    cpo-ray pipeline --config configs/tiny-cpu.yaml
+cpo-ray prepare --config configs/tiny-cpu.yaml
+cpo-ray train --config configs/tiny-cpu.yaml train.max_steps=100
+cpo-ray pipeline --config configs/tiny-cpu.yaml
 """
 
 from __future__ import annotations
@@ -55,12 +55,19 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cpo-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cpo-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("--config", "-c", help="YAML config (configs/*.yaml); defaults otherwise")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, extra = parser.parse_known_args(argv)
+    # argparse leaves positionals that follow an option in `extra`: they are overrides too.
+    bad = [x for x in extra if "=" not in x or x.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -70,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args.extra = extra
     from cpo_ray.data import DataError
 
     try:

@@ -74,6 +74,7 @@ class LoraConfig(_Strict):
     alpha: int = 32  # scale = alpha / r
     dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] = Field(default_factory=list)  # trained in full (e.g. embed_tokens, lm_head)
 
 
 class ModelConfig(_Strict):
@@ -118,6 +119,9 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = 2
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     log_every: int = 10  # console progress line every N steps
+    # ray.train.report() is a cross-rank barrier plus a hand-off the controller polls (~2 s apart),
+    # so reporting every step caps training near one step per poll; metrics.jsonl still gets every step.
+    report_every: int = 10
     seed: int = 0
     storage_path: str | None = None  # Ray Train storage (local dir or s3://...); default <output_dir>/ray
 

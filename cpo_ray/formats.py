@@ -65,6 +65,14 @@ def detect_format(record: dict, columns: dict[str, str] | None = None) -> str:
     if isinstance(chosen, str) and isinstance(rejected, str):
         # A prompt field that is present but null or not a string is reported by normalize, precisely.
         return "explicit" if names["prompt"] in record else "implicit"
+    if names["prompt"] in record and names["chosen"] in record and names["rejected"] in record:
+        # The explicit field set with a wrong-typed value: normalize names the field ("not_string").
+        return "explicit"
+    missing = [names[k] for k in ("chosen", "rejected") if names[k] not in record]
+    if missing:
+        raise RowError(
+            "missing_field", f"no {' or '.join(map(repr, missing))} field (fields: {sorted(record)[:10]})", missing[0]
+        )
     raise RowError("unknown_format", f"no known preference format fits fields {sorted(record)}", names["chosen"])
 
 

@@ -115,7 +115,7 @@ def make_pairs(count: int, *, held_out: bool, max_number: int, eval_fraction: fl
         n = rng.randint(0 if digits == 1 else 10 ** (digits - 1), min(10**digits - 1, max_number))
         if is_held_out(n, eval_fraction, seed) != held_out:
             continue
-        rows.append({"prompt": f"Write {n} in words:\n", "chosen": number_to_words(n), "rejected": near_miss(n, rng)})
+        rows.append({"prompt": f"{n} in words:", "chosen": number_to_words(n), "rejected": near_miss(n, rng)})
     return rows
 
 

@@ -95,6 +95,7 @@ def build_model(cfg: Config, model_path: str, dtype: torch.dtype):
             lora_alpha=m.lora.alpha,
             lora_dropout=m.lora.dropout,
             target_modules=m.lora.target_modules,
+            modules_to_save=m.lora.modules_to_save or None,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
@@ -117,7 +118,10 @@ def load_eval_pairs(data_dir: str, rank: int, world: int) -> list[dict]:
 
 
 def _as_batch(rows: list[dict]) -> dict:
-    return {k: np.array([np.asarray(r[k], dtype=np.int64) for r in rows] + [None], dtype=object)[:-1] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}  # noqa: E501
+    return {
+        k: np.array([np.asarray(r[k], dtype=np.int64) for r in rows] + [None], dtype=object)[:-1]
+        for k in ("prompt_ids", "chosen_ids", "rejected_ids")
+    }  # noqa: E501
 
 
 def evaluate(engine, rows: list[dict], cfg: Config, pad_id: int, world: int) -> tuple[dict, list[dict]]:
@@ -145,7 +149,11 @@ def evaluate(engine, rows: list[dict], cfg: Config, pad_id: int, world: int) -> 
                     out.append({"index": r["index"], "logp_chosen": c, "logp_rejected": j})
     engine.train()
     local = torch.tensor(
-        [len(out), sum(o["logp_chosen"] > o["logp_rejected"] for o in out), sum(o["logp_chosen"] - o["logp_rejected"] for o in out)],
+        [
+            len(out),
+            sum(o["logp_chosen"] > o["logp_rejected"] for o in out),
+            sum(o["logp_chosen"] - o["logp_rejected"] for o in out),
+        ],
         dtype=torch.float64,
         device=engine.device,
     )
@@ -155,7 +163,11 @@ def evaluate(engine, rows: list[dict], cfg: Config, pad_id: int, world: int) -> 
         dist.all_gather_object(gathered, out)
         out = [o for part in gathered for o in part]
     n = max(local[0].item(), 1)
-    return {"eval/accuracy": local[1].item() / n, "eval/margin": local[2].item() / n, "eval/n": int(local[0].item())}, sorted(out, key=lambda o: o["index"])  # noqa: E501
+    return {
+        "eval/accuracy": local[1].item() / n,
+        "eval/margin": local[2].item() / n,
+        "eval/n": int(local[0].item()),
+    }, sorted(out, key=lambda o: o["index"])  # noqa: E501
 
 
 def export_model(engine, cfg: Config, model_path: str, out_dir: Path, rank: int) -> None:
@@ -176,12 +188,16 @@ def export_model(engine, cfg: Config, model_path: str, out_dir: Path, rank: int)
     if cfg.model.lora.enabled:
         module.save_pretrained(out_dir / "adapter", state_dict=_adapter_state(module, state), safe_serialization=True)
         # Fresh copy of the base, adapter weights loaded from the gathered state, then merged.
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)  # noqa: E501
+        base = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+        )  # noqa: E501
         from peft import PeftModel
 
         merged = PeftModel.from_pretrained(base, out_dir / "adapter").merge_and_unload()
     else:
-        merged = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)  # noqa: E501
+        merged = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+        )  # noqa: E501
         missing, unexpected = merged.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k or not merged.config.tie_word_embeddings]:
             raise RuntimeError(f"export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
@@ -203,6 +219,7 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
+    _quiet_ray_train_reports()
     cfg = Config.model_validate(config["cfg"])
     model_path, data_dir, out_dir = config["model_path"], config["data_dir"], Path(config["output_dir"])
     t = cfg.train
@@ -239,7 +256,9 @@ def train_loop(config: dict) -> None:
             engine.load_checkpoint(d, tag="ckpt")
             state = json.loads((Path(d) / STATE_FILE).read_text())
         if rank == 0:
-            print(f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+            print(
+                f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})"
+            )
     metrics_path = out_dir / "metrics.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +345,7 @@ def train_loop(config: dict) -> None:
                     _progress(metrics, step, t.max_steps, start, state)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
                 checkpoint(metrics)
-            else:
+            elif step % t.report_every == 0 or "eval/accuracy" in metrics:
                 ray.train.report(metrics)
             if step >= t.max_steps:
                 break
@@ -342,6 +361,18 @@ def train_loop(config: dict) -> None:
             f.write(json.dumps({**metrics, "final": True}) + "\n")
         _progress(metrics, step, t.max_steps, start, state)
     checkpoint(metrics, final=True)
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report() at INFO with all metrics; at one report per step that buries the
+    progress line, so raise that one logger (named after its file) to WARNING."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: keep its logs
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _progress(m: dict, step: int, total: int, start: float, state: dict) -> None:
@@ -360,13 +391,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint: those steps are trained again."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step and not json.loads(ln).get("final")]  # noqa: E501
+    keep = [
+        ln
+        for ln in path.read_text().splitlines()
+        if ln and json.loads(ln).get("step", 0) <= step and not json.loads(ln).get("final")
+    ]  # noqa: E501
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def run_training(cfg: Config, model_path: str):
     """Driver: TorchTrainer over the tokenized train stream; copies the export into cfg.output_dir."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

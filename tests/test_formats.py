@@ -202,13 +202,25 @@ def test_sharegpt_column_mapping(tok):
 
 
 @pytest.mark.parametrize(
-    "record",
-    [{"chosen": "a"}, {"prompt": "p", "chosen": 1, "rejected": "b"}, {"text": "x"}, ["not", "a", "dict"]],
+    "record,reason,field",
+    [
+        ({"chosen": "a"}, "missing_field", "rejected"),
+        ({"text": "x"}, "missing_field", "chosen"),
+        ({"chosen": 1, "rejected": "b"}, "unknown_format", "chosen"),
+        (["not", "a", "dict"], "unknown_format", None),
+    ],
 )
-def test_unknown_format(record):
+def test_undetectable_records(record, reason, field):
     with pytest.raises(RowError) as e:
         detect_format(record)
-    assert e.value.reason == "unknown_format"
+    assert (e.value.reason, e.value.field) == (reason, field)
+
+
+def test_wrong_typed_explicit_field_is_named(tok):
+    rec = {"prompt": "p", "chosen": 1, "rejected": "b"}
+    assert detect_format(rec) == "explicit"
+    e = reject(rec, "auto", tok)
+    assert (e.reason, e.field) == ("not_string", "chosen")
 
 
 def test_unknown_format_name_is_a_config_error(tok):

