@@ -16,10 +16,10 @@ def model(tiny_model_dir):
 
 def random_batch(seed, pairs=4):
     rng = np.random.default_rng(seed)
+
     def col(lo, hi):
         return np.array([rng.integers(3, 259, rng.integers(lo, hi)) for _ in range(pairs)] + [None], dtype=object)[:-1]
-        [rng.integers(3, 259, rng.integers(lo, hi)) for _ in range(pairs)] + [None], dtype=object
-    )[:-1]  # noqa: E731
+
     return {"prompt_ids": col(1, 20), "chosen_ids": col(1, 15), "rejected_ids": col(1, 15)}
 
 
