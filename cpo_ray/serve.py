@@ -30,7 +30,7 @@ CPU_ENGINE_CPUS = 0.25
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "gpu" when this process sees CUDA, else "cpu"."""
+    """ "auto" -> "gpu" when this process sees CUDA, else "cpu"."""
     if device != "auto":
         return device
     import torch
@@ -114,6 +114,7 @@ class BearerAuth:
 
 def build_llm_app(cfg: ServeConfig, models: dict[str, str], *, cache_dir: str | None = None):
     """A Serve application: one vLLM deployment per served id plus the OpenAI ingress (0 CPUs)."""
+    from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.llm._internal.serve.core.ingress.ingress import init as init_fastapi
     from ray.serve.llm import LLMConfig, build_llm_deployment
@@ -128,7 +129,10 @@ def build_llm_app(cfg: ServeConfig, models: dict[str, str], *, cache_dir: str | 
         local = Path(source).is_dir()
         configs.append(
             LLMConfig(
-                model_loading_config={"model_id": model_id, "model_source": str(Path(source).resolve()) if local else source},
+                model_loading_config={
+                    "model_id": model_id,
+                    "model_source": str(Path(source).resolve()) if local else source,
+                },
                 runtime_env={"env_vars": _env_vars(device, cache, local)},
                 **_engine_settings(cfg, device, len(models)),
             )
@@ -143,8 +147,6 @@ def build_llm_app(cfg: ServeConfig, models: dict[str, str], *, cache_dir: str | 
     options = OpenAiIngress.get_deployment_options(configs)
     options["ray_actor_options"] = {"num_cpus": 0}
     ingress = make_fastapi_ingress(OpenAiIngress, app=app)
-    from ray import serve
-
     return serve.deployment(ingress, **options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
@@ -170,14 +172,26 @@ def _app_state() -> tuple[str, str]:
     return getattr(app.status, "value", str(app.status)), "; ".join([app.message, *details])
 
 
-def start_server(cfg: ServeConfig, models: dict[str, str], *, detached: bool, cache_dir: str | None = None) -> str:
-    """Deploy the models, wait until /v1/models lists each id, print and return the base URL (.../v1)."""
+def start_server(
+    cfg: ServeConfig,
+    models: dict[str, str],
+    *,
+    detached: bool,
+    cache_dir: str | None = None,
+    address: str | None = None,
+) -> str:
+    """Deploy the models, wait until /v1/models lists each id, print and return the base URL (.../v1).
+
+    Uses the Ray this process is connected to; else connects to `address` / RAY_ADDRESS ("auto" when
+    detached: the app must outlive this driver, so it lives on an already running cluster) or, not
+    detached, starts a local Ray that ends with this process (the caller then keeps it alive, e.g.
+    until Ctrl-C). On failure or timeout the half-deployed app is deleted and the error raised.
+    """
     import ray
     from ray import serve
 
     if not ray.is_initialized():
-        # detached: the app must outlive this driver, so it has to live on an already running cluster.
-        ray.init(address="auto" if detached else None)
+        ray.init(address=address or ("auto" if detached else None))
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run_many(
         [serve.RunTarget(target=build_llm_app(cfg, models, cache_dir=cache_dir), name=APP_NAME, route_prefix="/")],
@@ -191,25 +205,28 @@ def start_server(cfg: ServeConfig, models: dict[str, str], *, detached: bool, ca
     while True:
         # The ingress answers /v1/models before the engines load: also wait for the app to run.
         status, message = _app_state()
-        if status == "DEPLOY_FAILED":
-            raise RuntimeError(f"serve: deployment failed: {message}")
         try:
             if status == "RUNNING" and want <= _listed_models(url, api_key):
                 break
         except (urllib.error.URLError, OSError, ValueError, KeyError):
             pass  # proxy not listening yet
-        if time.monotonic() > deadline:
+        if status == "DEPLOY_FAILED" or time.monotonic() > deadline:
+            # Do not leave a broken app behind restarting replicas and holding CPUs/GPUs.
+            serve.delete(APP_NAME, _blocking=False)
+            if status == "DEPLOY_FAILED":
+                raise RuntimeError(f"serve: deployment failed: {message}")
             raise TimeoutError(f"serve: {sorted(want)} not ready at {url} after {cfg.ready_timeout_s:.0f}s ({status})")
         time.sleep(1.0)
     print(f"serving {', '.join(sorted(models))} at {url}" + (" (Bearer auth)" if api_key else ""), flush=True)
     return url
 
 
-def stop_server() -> None:
-    """Shut Serve down on the cluster this process is (or can get) connected to."""
+def stop_server(address: str | None = None) -> None:
+    """Shut Serve down on the cluster this process is connected to, else on `address` / RAY_ADDRESS /
+    the newest local cluster ("auto"): works from a fresh process such as `cpo-ray serve --stop`."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address="auto")
+        ray.init(address=address or "auto")
     serve.shutdown()

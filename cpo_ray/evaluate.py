@@ -1,0 +1,287 @@
+"""Score held-out preference pairs through any OpenAI-compatible endpoint (Ray Serve LLM, vLLM, ...).
+
+    pairs = load_tokenized_pairs("runs/tiny/data/eval", max_pairs=500)
+    result = evaluate_models("http://127.0.0.1:8000/v1", ["base", "tuned"], pairs, cfg.eval, "runs/tiny/eval")
+
+Each response is scored by the sum of its tokens' log-probs given the prompt: one /v1/completions call
+per PAIRS_PER_REQUEST pairs sends each prompt+chosen and prompt+rejected as a token-id list with
+`prompt_logprobs=0` (vLLM), falling back to `echo=True, logprobs=0`; cfg.concurrency calls in flight. Writes eval.json, eval.md, pairs_<model>.jsonl, margins.png
+and (with generate_samples) samples.md into out_dir; see cpo_ray.report_eval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+from cpo_ray.config import EvalConfig
+
+COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# Pairs per /v1/completions call (2 prompts each): fewer HTTP + Ray Serve hops per pair, which is
+# what a small model's scoring time is mostly made of; see bench/eval_throughput.py.
+PAIRS_PER_REQUEST = 8
+
+
+class LogprobsUnavailable(RuntimeError):
+    """The server answered but returned no prompt log-probs, so responses cannot be scored."""
+
+
+def load_tokenized_pairs(path: str | Path, max_pairs: int | None = None) -> list[dict]:
+    """Rows {prompt_ids, chosen_ids, rejected_ids} (int lists) from one .parquet or a folder of them."""
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+    if not files or not files[0].is_file():
+        raise FileNotFoundError(f"no Parquet files at {p}")
+    rows: list[dict] = []
+    for f in files:
+        schema = pq.read_schema(f)
+        missing = [c for c in COLUMNS if c not in schema.names]
+        if missing:
+            raise ValueError(f"{f}: missing column(s) {missing}; expected tokenized pairs with {list(COLUMNS)}")
+        rows += pq.read_table(f, columns=list(COLUMNS)).to_pylist()
+        if max_pairs is not None and len(rows) >= max_pairs:
+            return rows[:max_pairs]
+    return rows
+
+
+def sum_prompt_logprobs(prompt_logprobs: list, ids: list[int], start: int) -> float:
+    """Sum of log p(ids[i] | ids[:i]) for i >= start, from vLLM's prompt_logprobs.
+
+    prompt_logprobs[i] maps token id (a string key once JSON-decoded) -> {"logprob": ...} and always
+    holds the REAL token ids[i] besides any top-k; entry 0 is None (nothing predicts the first token).
+    """
+    if len(prompt_logprobs) != len(ids):
+        raise ValueError(f"prompt_logprobs has {len(prompt_logprobs)} positions for {len(ids)} tokens")
+    total = 0.0
+    for i in range(start, len(ids)):
+        entry = prompt_logprobs[i] or {}
+        hit = entry.get(str(ids[i]), entry.get(ids[i]))
+        if hit is None:
+            raise ValueError(f"prompt_logprobs[{i}] lacks the real token {ids[i]}")
+        total += hit["logprob"] if isinstance(hit, dict) else hit
+    return total
+
+
+def sum_echo_logprobs(token_logprobs: list, n_tokens: int, start: int) -> float:
+    """The same sum from echo=True/logprobs token_logprobs (aligned with the prompt, first None)."""
+    if len(token_logprobs) < n_tokens or any(x is None for x in token_logprobs[start:n_tokens]):
+        raise ValueError(f"echo returned {len(token_logprobs)} log-probs for {n_tokens} prompt tokens")
+    return float(sum(token_logprobs[start:n_tokens]))
+
+
+def pair_row(index: int, pair: dict, logp_chosen: float, logp_rejected: float) -> dict:
+    n_c, n_r = len(pair["chosen_ids"]), len(pair["rejected_ids"])
+    mean_c, mean_r = logp_chosen / n_c, logp_rejected / n_r
+    margin = logp_chosen - logp_rejected
+    return {
+        "index": index,
+        "logp_chosen": logp_chosen,
+        "logp_rejected": logp_rejected,
+        "len_chosen": n_c,
+        "len_rejected": n_r,
+        "mean_logp_chosen": mean_c,
+        "mean_logp_rejected": mean_r,
+        "margin": margin,
+        "correct": margin > 0,
+        "correct_norm": mean_c > mean_r,
+    }
+
+
+def summarize(rows: list[dict]) -> dict:
+    if not rows:
+        return {
+            "n": 0,
+            "accuracy": None,
+            "accuracy_length_normalised": None,
+            "mean_margin": None,
+            "median_margin": None,
+        }
+    margins = [r["margin"] for r in rows]
+    return {
+        "n": len(rows),
+        "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        "accuracy_length_normalised": sum(r["correct_norm"] for r in rows) / len(rows),
+        "mean_margin": statistics.fmean(margins),
+        "median_margin": statistics.median(margins),
+    }
+
+
+def is_transient(err: Exception) -> bool:
+    """Worth retrying: no connection, timeout, rate limit, or a 5xx from the server."""
+    import openai
+
+    if isinstance(err, openai.APIConnectionError | openai.APITimeoutError):  # timeout subclasses connection
+        return True
+    return isinstance(err, openai.APIStatusError) and (err.status_code == 429 or err.status_code >= 500)
+
+
+async def with_retries(call, retries: int, base_delay: float = 0.5, max_delay: float = 8.0):
+    """await call() and retry transient errors with exponential backoff plus jitter; others raise at once."""
+    for attempt in range(retries + 1):
+        try:
+            return await call()
+        except Exception as e:
+            if attempt == retries or not is_transient(e):
+                raise
+            await asyncio.sleep(min(max_delay, base_delay * 2**attempt) * (0.5 + random.random()))
+
+
+class EndpointScorer:
+    """Scores pairs for one model; mode is probed once: "prompt_logprobs" (vLLM) or "echo"."""
+
+    def __init__(self, client, model: str, cfg: EvalConfig):
+        self.client, self.model, self.cfg = client, model, cfg
+        self.gate = asyncio.Semaphore(cfg.concurrency)
+        self.mode: str | None = None
+
+    async def _request(self, prompts: list[list[int]], mode: str):
+        if mode == "prompt_logprobs":
+            kw = {"max_tokens": 1, "extra_body": {"prompt_logprobs": 0}}
+        else:
+            kw = {"max_tokens": 0, "echo": True, "logprobs": 0}
+        call = partial(self.client.completions.create, model=self.model, prompt=prompts, temperature=0.0, **kw)
+        async with self.gate:
+            resp = await with_retries(call, self.cfg.retries)
+        return sorted(resp.model_dump()["choices"], key=lambda c: c["index"])
+
+    def _sums(self, choices: list[dict], seqs: list[list[int]], starts: list[int], mode: str) -> list[float] | None:
+        out = []
+        for choice, ids, start in zip(choices, seqs, starts, strict=True):
+            if mode == "prompt_logprobs" and choice.get("prompt_logprobs"):
+                out.append(sum_prompt_logprobs(choice["prompt_logprobs"], ids, start))
+            elif mode == "echo" and (choice.get("logprobs") or {}).get("token_logprobs"):
+                out.append(sum_echo_logprobs(choice["logprobs"]["token_logprobs"], len(ids), start))
+            else:
+                return None
+        return out
+
+    async def _probe(self, seqs: list[list[int]], starts: list[int]) -> list[float]:
+        import openai
+
+        said = []
+        for mode in ("prompt_logprobs", "echo"):
+            try:
+                sums = self._sums(await self._request(seqs, mode), seqs, starts, mode)
+            except openai.BadRequestError as e:
+                said.append(f"{mode}: {e.message}")  # this server may reject the parameter: try the other way
+                continue
+            if sums is not None:
+                self.mode = mode
+                return sums
+        raise LogprobsUnavailable(
+            f"{self.model}: the server cannot return prompt log-probs (neither prompt_logprobs nor echo+logprobs), "
+            "so responses cannot be scored; use a vLLM-based endpoint such as `cpo-ray serve`"
+            + (f". Server said: {'; '.join(said)}" if said else "")
+        )
+
+    async def score(self, pairs: list[dict]) -> list[tuple[float, float]]:
+        """(logp chosen, logp rejected) per pair, all pairs in ONE request (2 prompts per pair)."""
+        import openai
+
+        seqs, starts = [], []
+        for pair in pairs:
+            prompt = list(pair["prompt_ids"])
+            seqs += [prompt + list(pair["chosen_ids"]), prompt + list(pair["rejected_ids"])]
+            starts += [len(prompt)] * 2
+        if self.mode is None:
+            sums = await self._probe(seqs, starts)
+        else:
+            try:
+                sums = self._sums(await self._request(seqs, self.mode), seqs, starts, self.mode)
+            except openai.BadRequestError as e:  # e.g. a pair longer than the server's max_model_len
+                longest = max(map(len, seqs))
+                raise ValueError(
+                    f"{self.model}: server rejected a request (longest {longest} tokens): {e.message}"
+                ) from e
+            if sums is None:
+                raise LogprobsUnavailable(f"{self.model}: a response came back without log-probs")
+        return list(zip(sums[0::2], sums[1::2], strict=True))
+
+
+async def _score_model(client, model, pairs, cfg: EvalConfig, per_request: int) -> tuple[list[dict], str]:
+    scorer = EndpointScorer(client, model, cfg)
+    chunks = [pairs[i : i + per_request] for i in range(0, len(pairs), per_request)]
+    first = await scorer.score(chunks[0])  # probes the scoring mode once, before fanning out
+    rest = await asyncio.gather(*(scorer.score(c) for c in chunks[1:]))
+    sums = [s for chunk in [first, *rest] for s in chunk]
+    return [pair_row(i, p, *s) for i, (p, s) in enumerate(zip(pairs, sums, strict=True))], scorer.mode
+
+
+async def _generate(client, model: str, prompt_ids: list[int], cfg: EvalConfig) -> str:
+    call = partial(
+        client.completions.create, model=model, prompt=list(prompt_ids), max_tokens=cfg.max_new_tokens, temperature=0.0
+    )
+    return (await with_retries(call, cfg.retries)).choices[0].text
+
+
+async def _run(endpoint, model_ids, pairs, cfg, api_key, tokenizer, per_request) -> dict:
+    from openai import AsyncOpenAI
+
+    # Retries are ours (with_retries) so they are visible and bounded by cfg.retries.
+    client = AsyncOpenAI(base_url=endpoint, api_key=api_key or "none", timeout=cfg.timeout_s, max_retries=0)
+    result = {"endpoint": endpoint, "baseline": model_ids[0], "n_pairs": len(pairs), "models": {}, "rows": {}}
+    async with client:
+        for model in model_ids:
+            t0 = time.perf_counter()
+            rows, mode = await _score_model(client, model, pairs, cfg, per_request)
+            elapsed = time.perf_counter() - t0
+            summary = summarize(rows) | {"elapsed_s": elapsed, "pairs_per_s": len(rows) / elapsed, "scoring": mode}
+            result["models"][model], result["rows"][model] = summary, rows
+        samples = []
+        decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer else str
+        for pair in pairs[: cfg.generate_samples]:
+            texts = await asyncio.gather(*(_generate(client, m, pair["prompt_ids"], cfg) for m in model_ids))
+            sample = {"prompt": decode(pair["prompt_ids"]), "chosen": decode(pair["chosen_ids"])}
+            samples.append(sample | {"outputs": dict(zip(model_ids, texts, strict=True))})
+        result["samples"] = samples
+    return result
+
+
+def evaluate_models(
+    endpoint: str,
+    model_ids: list[str],
+    pairs: list[dict],
+    cfg: EvalConfig,
+    out_dir: str | Path,
+    api_key: str | None = None,
+    tokenizer_path: str | None = None,
+    pairs_per_request: int = PAIRS_PER_REQUEST,
+) -> dict:
+    """Score every pair with every model (first = baseline), write the report files, return eval.json's dict."""
+    from cpo_ray import report_eval
+
+    if not model_ids or not pairs:
+        raise ValueError("evaluate: need at least one model id and one pair")
+    tokenizer = None
+    if tokenizer_path:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    api_key = api_key or os.environ.get("CPO_RAY_API_KEY")
+    pairs = pairs[: cfg.max_pairs] if cfg.max_pairs else pairs
+    t0 = time.perf_counter()
+    result = asyncio.run(_run(endpoint.rstrip("/"), list(model_ids), pairs, cfg, api_key, tokenizer, pairs_per_request))
+    rows = result.pop("rows")
+    scoring_s = sum(m["elapsed_s"] for m in result["models"].values())
+    result |= {
+        "pairs_per_request": pairs_per_request,
+        "elapsed_s": time.perf_counter() - t0,
+        "scoring_s": scoring_s,
+        "pairs_per_s": len(pairs) * len(rows) / scoring_s,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for model, model_rows in rows.items():
+        (out / report_eval.pairs_file(model)).write_text("".join(json.dumps(r) + "\n" for r in model_rows))
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    report_eval.write_report(result, rows, out)
+    print(report_eval.markdown_table(result), flush=True)
+    return result

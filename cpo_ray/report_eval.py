@@ -1,0 +1,81 @@
+"""Human-readable evaluation outputs: eval.md (models side by side), margins.png, samples.md.
+
+    write_report(result, rows_by_model, out_dir)   # result = eval.json's dict, rows = per-pair rows
+    print(markdown_table(result))
+
+Called by cpo_ray.evaluate.evaluate_models; also usable to re-render from eval.json + pairs_*.jsonl.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def pairs_file(model: str) -> str:
+    """pairs_<model>.jsonl with a filesystem-safe model id (ids may contain '/' or ':')."""
+    return f"pairs_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}.jsonl"
+
+
+def _fmt(x, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+def markdown_table(result: dict) -> str:
+    """Rows = metrics, columns = models (baseline first)."""
+    models = list(result["models"])
+    metrics = [
+        ("accuracy (logp chosen > rejected)", "accuracy", True),
+        ("accuracy, length-normalised", "accuracy_length_normalised", True),
+        ("mean margin (nats)", "mean_margin", False),
+        ("median margin (nats)", "median_margin", False),
+        ("pairs/s", "pairs_per_s", False),
+    ]
+    lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for label, key, pct in metrics:
+        lines.append(f"| {label} | " + " | ".join(_fmt(result["models"][m].get(key), pct) for m in models) + " |")
+    lines.append("| n | " + " | ".join(str(result["models"][m]["n"]) for m in models) + " |")
+    return "\n".join(lines)
+
+
+def plot_margins(rows_by_model: dict[str, list[dict]], path: Path) -> None:
+    """Overlaid histograms of margin = logp(chosen) - logp(rejected), one per model, shared bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers or in CI
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    margins = {m: np.array([r["margin"] for r in rows]) for m, rows in rows_by_model.items()}
+    allm = np.concatenate(list(margins.values()))
+    bins = np.linspace(allm.min(), allm.max(), 41) if allm.size and np.ptp(allm) > 0 else 20
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model, values in margins.items():
+        ax.hist(values, bins=bins, alpha=0.5, label=f"{model} (acc {np.mean(values > 0):.1%})")
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set(xlabel="margin = logp(chosen) - logp(rejected)  [nats]", ylabel="pairs", title="Held-out preference margins")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def samples_markdown(samples: list[dict]) -> str:
+    parts = ["# Greedy samples\n"]
+    for i, s in enumerate(samples):
+        parts.append(f"## Prompt {i}\n\n```\n{s['prompt']}\n```\n\nreference (chosen): `{s['chosen']}`\n")
+        for model, text in s["outputs"].items():
+            parts.append(f"- **{model}**: `{text!r}`")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def write_report(result: dict, rows_by_model: dict[str, list[dict]], out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    header = f"# Held-out preference evaluation\n\nendpoint: `{result['endpoint']}`, pairs: {result['n_pairs']}\n\n"
+    (out / "eval.md").write_text(header + markdown_table(result) + "\n")
+    plot_margins(rows_by_model, out / "margins.png")
+    if result.get("samples"):
+        (out / "samples.md").write_text(samples_markdown(result["samples"]))
