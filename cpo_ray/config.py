@@ -159,7 +159,8 @@ class EvalConfig(_Strict):
     models: list[str] = Field(default_factory=list)  # served ids; first = baseline
     pairs: str | None = None  # held-out pairs (raw file or tokenized dir); default: data eval split
     max_pairs: int | None = None
-    concurrency: int = 16
+    concurrency: int = 16  # requests in flight; more = faster until the server saturates
+    pairs_per_request: int = 8  # pairs scored per completions call (2 prompts each): fewer HTTP hops
     retries: int = 4
     timeout_s: float = 120.0
     generate_samples: int = 4  # prompts to generate from per model for the report (0 = off)
