@@ -88,20 +88,27 @@ def build_model(cfg: Config, model_path: str, dtype: torch.dtype):
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if m.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(
-            r=m.lora.r,
-            lora_alpha=m.lora.alpha,
-            lora_dropout=m.lora.dropout,
-            target_modules=m.lora.target_modules,
-            modules_to_save=m.lora.modules_to_save or None,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora_config(cfg))
         if m.gradient_checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+def lora_config(cfg: Config):
+    """The peft LoraConfig of cfg.model.lora: the trainer and the exporter must build the same structure."""
+    from peft import LoraConfig
+
+    lo = cfg.model.lora
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        modules_to_save=lo.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
 
 
 def load_eval_pairs(data_dir: str, rank: int, world: int) -> list[dict]:
@@ -184,32 +191,26 @@ def export_model(engine, cfg: Config, model_path: str, out_dir: Path, rank: int)
     if rank != 0:
         return
     state = {k: v.detach().cpu() for k, v in state.items()}
-    module = engine.module
+    # A fresh copy of the base in its own dtype (a bf16 model exports as bf16, not a 2x fp32 copy),
+    # given the same peft structure as the trained module, so the gathered state loads key for key.
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype="auto", trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True
+    )
     if cfg.model.lora.enabled:
-        module.save_pretrained(out_dir / "adapter", state_dict=_adapter_state(module, state), safe_serialization=True)
-        # Fresh copy of the base, adapter weights loaded from the gathered state, then merged.
-        base = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
-        )  # noqa: E501
-        from peft import PeftModel
+        from peft import get_peft_model
 
-        merged = PeftModel.from_pretrained(base, out_dir / "adapter").merge_and_unload()
-    else:
-        merged = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
-        )  # noqa: E501
-        missing, unexpected = merged.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if "lm_head" not in k or not merged.config.tie_word_embeddings]:
-            raise RuntimeError(f"export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        model = get_peft_model(model, lora_config(cfg))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = model.config.tie_word_embeddings
+    if unexpected or [k for k in missing if not (tied and "lm_head" in k)]:
+        raise RuntimeError(f"export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if cfg.model.lora.enabled:
+        model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+        model = model.merge_and_unload()
+    merged = model
     merged.config.use_cache = True
     merged.save_pretrained(out_dir / "final", safe_serialization=True)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(out_dir / "final")
-
-
-def _adapter_state(module, state: dict) -> dict:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(module, state_dict=state)
 
 
 def train_loop(config: dict) -> None:
@@ -255,14 +256,16 @@ def train_loop(config: dict) -> None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag="ckpt")
             state = json.loads((Path(d) / STATE_FILE).read_text())
-        if rank == 0:
-            print(
-                f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})"
-            )
     metrics_path = out_dir / "metrics.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, state["step"])
+        if ckpt:  # restarts (worker or driver crash, or a longer re-run) are recorded, not just printed
+            print(
+                f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})"
+            )
+            with (out_dir / "events.jsonl").open("a") as f:
+                f.write(json.dumps({"event": "resume", "time": time.time(), **state}) + "\n")
 
     eval_rows = load_eval_pairs(data_dir, rank, world)
     shard = ray.train.get_dataset_shard("train")
@@ -331,7 +334,7 @@ def train_loop(config: dict) -> None:
             now = time.time()
             window_tokens += sums[-1].item()
             metrics = {k: sums[j].item() / (t.grad_accum * world) for j, k in enumerate(METRIC_KEYS)}
-            metrics.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0])
+            metrics.update(step=step, epoch=epoch, batch_in_epoch=i + 1, lr=scheduler.get_last_lr()[0])
             metrics["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
             metrics["tokens_per_s"] = sums[-1].item() / max(now - window_t, 1e-9)
             window_t = now

@@ -227,6 +227,78 @@ def test_api_key_required(server):
 
 
 @pytest.mark.integration
+def test_malformed_requests_are_4xx(server):
+    """Invalid JSON, wrong types and negative max_tokens are client errors; the server keeps serving."""
+    import httpx
+
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    url = f"{server['url']}/completions"
+    bodies = [
+        b"{not json",
+        json.dumps({"model": "base", "prompt": "hi", "max_tokens": -3}).encode(),
+        json.dumps({"model": "base", "prompt": "hi", "max_tokens": "many"}).encode(),
+        json.dumps({"model": "base", "prompt": {"a": 1}, "max_tokens": 1}).encode(),
+        json.dumps({"model": 7, "prompt": "hi"}).encode(),
+        json.dumps(["not", "an", "object"]).encode(),
+    ]
+    with httpx.Client(timeout=60) as c:
+        codes = [c.post(url, content=b, headers=h).status_code for b in bodies]
+        assert all(400 <= code < 500 for code in codes), codes
+        ok = c.post(url, headers=h, json={"model": "base", "prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+@pytest.mark.integration
+def test_200_concurrent_clients(server):
+    """200 concurrent clients on loopback, 3 requests each (600, bounded by a 240 s budget): 0 failures."""
+    import asyncio
+
+    import httpx
+
+    h = {"Authorization": f"Bearer {KEY}"}
+    url = f"{server['url']}/completions"
+    lat: list[float] = []
+    errors: list[str] = []
+
+    async def client(i: int, http: httpx.AsyncClient, deadline: float) -> None:
+        for j in range(3):
+            if time.monotonic() > deadline:
+                return
+            body = {"model": ("base", "tuned")[(i + j) % 2], "prompt": [1, 40 + i % 50, 41], "max_tokens": 4}
+            t = time.monotonic()
+            try:
+                r = await http.post(url, json=body, headers=h)
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.text[:100]}")
+            except httpx.HTTPError as e:
+                errors.append(repr(e))
+            lat.append(time.monotonic() - t)
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(timeout=180, limits=limits) as http:
+            deadline = time.monotonic() + 240
+            await asyncio.gather(*(client(i, http, deadline) for i in range(200)))
+
+    t0 = time.monotonic()
+    asyncio.run(main())
+    wall = time.monotonic() - t0
+    lat.sort()
+    stats = {
+        "requests": len(lat),
+        "failed": len(errors),
+        "p50_s": round(lat[len(lat) // 2], 3),
+        "p99_s": round(lat[int(len(lat) * 0.99) - 1], 3),
+        "wall_s": round(wall, 1),
+        "req_per_s": round(len(lat) / wall, 1),
+    }
+    server["stats"]["load"] = stats
+    print(f"\nload: {json.dumps(stats)}")
+    assert not errors, errors[:5]
+    assert len(lat) >= 400  # the time budget is a guard, not the normal end
+
+
+@pytest.mark.integration
 def test_stop_from_a_new_process(server):
     """Last in the module: `cpo-ray serve --stop` runs stop_server() in a fresh process on this cluster."""
     import subprocess
