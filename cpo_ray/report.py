@@ -39,7 +39,10 @@ def plot_curves(rows: list[dict], out: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
-        pts = [(r["step"], r[key]) for r in rows if key in r and not r.get("final")]
+        # the final row repeats the last step's training metrics; only its eval point is new
+        pts = sorted(
+            {r["step"]: r[key] for r in rows if key in r and (key.startswith("eval/") or not r.get("final"))}.items()
+        )
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o" if key.startswith("eval/") else None, lw=1)
@@ -99,7 +102,7 @@ def write_report(run_dir: str | Path) -> Path:
         _md_table_to_html(eval_md) if eval_md else "<p>(no eval yet)</p>",
         _img(eval_dir / "margins.png"),
         "<h2>Training</h2>",
-        f"<p>{len([r for r in rows if not r.get('final')])} steps logged; last in-training held-out accuracy "
+        f"<p>{len([r for r in rows if 'loss' in r and not r.get('final')])} steps logged; last in-training held-out accuracy "
         f"{final.get('eval/accuracy', float('nan')):.3f}, margin {final.get('eval/margin', float('nan')):.3f}.</p>",
         _img(curves),
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -261,9 +262,7 @@ def train_loop(config: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, state["step"])
         if ckpt:  # restarts (worker or driver crash, or a longer re-run) are recorded, not just printed
-            print(
-                f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})"
-            )
+            _say(f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
             with (out_dir / "events.jsonl").open("a") as f:
                 f.write(json.dumps({"event": "resume", "time": time.time(), **state}) + "\n")
 
@@ -282,16 +281,24 @@ def train_loop(config: dict) -> None:
                     shutil.copy(metrics_path, Path(tmp) / "metrics.jsonl")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    # The same answer on every rank (ZeRO-3 evaluation is collective): is there a held-out split?
+    has_eval = any((Path(data_dir) / "eval").glob("*.parquet"))
+
     def log_eval(step: int) -> dict:
+        if not has_eval:
+            return {}
         res, per_pair = evaluate(engine, eval_rows, cfg, pad_id, world)
         if rank == 0 and per_pair:
             (out_dir / "train_eval.json").write_text(json.dumps({"step": step, **res, "pairs": per_pair}))
         return res
 
-    step, start, window_tokens, window_t = state["step"], time.time(), 0, time.time()
-    metrics: dict = log_eval(step) if step == 0 and eval_rows is not None else {}
+    step, start, window_t = state["step"], time.time(), time.time()
+    start_step = step
+    metrics: dict = log_eval(step) if step == 0 else {}
     if rank == 0 and metrics:
-        print(f"[cpo-ray] step 0 eval: accuracy {metrics['eval/accuracy']:.3f} margin {metrics['eval/margin']:.3f}")
+        with metrics_path.open("a") as f:  # the base model's held-out score: the curve's first point
+            f.write(json.dumps({"step": 0, **metrics}) + "\n")
+        _say(f"[cpo-ray] step 0 eval: accuracy {metrics['eval/accuracy']:.3f} margin {metrics['eval/margin']:.3f}")
     epoch = state["epoch"]
     while step < t.max_steps and epoch < t.epochs:
         batches = shard.iter_batches(
@@ -332,12 +339,10 @@ def train_loop(config: dict) -> None:
             if world > 1:
                 dist.all_reduce(sums)
             now = time.time()
-            window_tokens += sums[-1].item()
             metrics = {k: sums[j].item() / (t.grad_accum * world) for j, k in enumerate(METRIC_KEYS)}
             metrics.update(step=step, epoch=epoch, batch_in_epoch=i + 1, lr=scheduler.get_last_lr()[0])
             metrics["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
-            metrics["tokens_per_s"] = sums[-1].item() / max(now - window_t, 1e-9)
-            window_t = now
+            metrics["tokens_per_s"] = sums[-1].item() / max(now - window_t, 1e-9)  # non-pad, all workers
             sums.zero_()
             if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 metrics.update(log_eval(step))
@@ -345,11 +350,12 @@ def train_loop(config: dict) -> None:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 if step % t.log_every == 0 or "eval/accuracy" in metrics:
-                    _progress(metrics, step, t.max_steps, start, state)
+                    _progress(metrics, step, t.max_steps, start, start_step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
                 checkpoint(metrics)
             elif step % t.report_every == 0 or "eval/accuracy" in metrics:
                 ray.train.report(metrics)
+            window_t = time.time()  # eval, checkpoint and report time stay out of tokens/s
             if step >= t.max_steps:
                 break
         else:
@@ -362,7 +368,7 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         with metrics_path.open("a") as f:
             f.write(json.dumps({**metrics, "final": True}) + "\n")
-        _progress(metrics, step, t.max_steps, start, state)
+        _progress(metrics, step, t.max_steps, start, start_step)
     checkpoint(metrics, final=True)
 
 
@@ -378,15 +384,18 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def _progress(m: dict, step: int, total: int, start: float, state: dict) -> None:
-    elapsed = time.time() - start
-    done = max(step - state.get("resumed_from", 0), 1)
-    eta = elapsed / done * (total - step)
+def _say(msg: str) -> None:
+    """Console line from a worker. Ray Train tees print() to its logger AND stdout (every line twice in
+    the driver's console); writing to the real stdout shows it once."""
+    print(msg, file=sys.__stdout__, flush=True)
+
+
+def _progress(m: dict, step: int, total: int, start: float, start_step: int) -> None:
+    eta = (time.time() - start) / max(step - start_step, 1) * (total - step)
     ev = f" | eval acc {m['eval/accuracy']:.3f} margin {m['eval/margin']:.3f}" if "eval/accuracy" in m else ""
-    print(
+    _say(
         f"[cpo-ray] step {step}/{total} | loss {m.get('loss', float('nan')):.4f} | nll {m.get('nll_loss', float('nan')):.3f} "
-        f"| acc {m.get('rewards/accuracies', float('nan')):.2f} | {m.get('tokens_per_s', 0):,.0f} tok/s | eta {eta:,.0f}s{ev}",
-        flush=True,
+        f"| acc {m.get('rewards/accuracies', float('nan')):.2f} | {m.get('tokens_per_s', 0):,.0f} tok/s | eta {eta:,.0f}s{ev}"
     )
 
 
