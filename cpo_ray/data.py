@@ -76,6 +76,28 @@ def _lines(path: str):
             raise DataError(f"{path}: unreadable after line {line_no} ({type(e).__name__}: {e})") from None
 
 
+def _json_default(value):
+    """Parquet values JSON has no type for: UTF-8 bytes are text (UnicodeDecodeError -> bad_encoding);
+    anything else (timestamp, decimal, ...) stays a non-string so normalize counts it, never its str()."""
+    if isinstance(value, bytes | bytearray):
+        return value.decode("utf-8")
+    return {"$type": type(value).__name__, "value": str(value)}
+
+
+def _parquet_records(rb) -> list:
+    """Rows of one record batch; a row whose strings are not UTF-8 is None (counted as bad_encoding)."""
+    try:
+        return rb.to_pylist()
+    except UnicodeDecodeError:
+        out = []
+        for i in range(rb.num_rows):
+            try:
+                out.append(rb.slice(i, 1).to_pylist()[0])
+            except UnicodeDecodeError:
+                out.append(None)
+        return out
+
+
 def read_file(batch: dict) -> dict:
     """Ray Data generator UDF: one file path in, batches of {source, raw} out (raw = one JSON text)."""
     (path,) = batch["path"]
@@ -87,10 +109,13 @@ def read_file(batch: dict) -> dict:
             with fsspec.open(path, "rb") as f:
                 row = 0
                 for rb in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH):
-                    for rec in rb.to_pylist():
+                    for rec in _parquet_records(rb):
                         row += 1
                         sources.append(f"{path}:row{row}")
-                        raws.append(json.dumps(rec, default=str))
+                        try:
+                            raws.append(None if rec is None else json.dumps(rec, default=_json_default))
+                        except UnicodeDecodeError:
+                            raws.append(None)  # a binary cell that is not UTF-8: bad_encoding
                     yield {"source": sources, "raw": raws}
                     sources, raws = [], []
         except (OSError, pa.ArrowException) as e:
@@ -128,13 +153,21 @@ class Tokenize:
             raise RowError("bad_encoding", "line is not valid UTF-8")
         try:
             rec = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, ints over 4300 digits, deep nesting
             raise RowError("malformed_json", f"not valid JSON: {str(e)[:120]}") from None
         if not isinstance(rec, dict):
             raise RowError("not_an_object", f"a record must be a JSON object, got {type(rec).__name__}")
         cols = self.cfg.columns or None
         fmt = detect_format(rec, cols) if self.cfg.format == "auto" else self.cfg.format
-        return normalize(rec, fmt, self.tok, cols)
+        triple = normalize(rec, fmt, self.tok, cols)
+        for name, text in zip(("prompt", "chosen", "rejected"), triple, strict=True):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                field = (cols or {}).get(name, name)
+                msg = f"{name} text has a lone surrogate \\u{ord(text[e.start]):04x} at char {e.start}"
+                raise RowError("bad_encoding", msg, field) from None
+        return triple
 
     def __call__(self, batch: dict) -> pa.Table:
         n = len(batch["source"])

@@ -280,6 +280,9 @@ def train_loop(config: dict) -> None:
                 if rank == 0 and metrics_path.exists():
                     shutil.copy(metrics_path, Path(tmp) / "metrics.jsonl")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            # Wait until the controller has committed it: otherwise workers run ahead and a crash in
+            # the next seconds restarts from the previous checkpoint (or from scratch).
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     # The same answer on every rank (ZeRO-3 evaluation is collective): is there a held-out split?
     has_eval = any((Path(data_dir) / "eval").glob("*.parquet"))

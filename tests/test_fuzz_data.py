@@ -377,7 +377,9 @@ def roundtrip_case(draw):
     if kind == "missing":
         return {"prompt": p, "chosen": c}, "missing_field"
     if kind == "not_object":
-        return draw(st.lists(safe_values, max_size=3) | safe_values), "not_an_object"
+        return draw(st.lists(safe_values, max_size=3) | safe_values.filter(lambda v: not isinstance(v, dict))), (
+            "not_an_object"
+        )
     if kind == "garbage":  # "{" + NUL is never JSON: malformed_json, or bad_encoding when not UTF-8
         return b"{\x00" + draw(st.binary(max_size=20)).replace(b"\n", b" "), None
     return {"prompt": p, "chosen": c, "rejected": c}, "identical_responses"
