@@ -138,6 +138,8 @@ def test_driver_kill_then_rerun_resumes(tmp_path):
         os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started (its own process group)
         first.wait(30)
     time.sleep(2)
+    # The last step that made it to disk before everything died (workers may finish a step or two).
+    killed_at = max(r["step"] for r in steps(out) if "loss" in r)
     # A checkpoint cut short by a crash: newest by name, half written. Resume must not pick it.
     storage = out / "ray" / "driver-kill"
     torn = storage / "checkpoint_2099-01-01_00-00-00.000000"
