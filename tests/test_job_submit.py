@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def private_cluster():
         while True:
             try:
                 urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # 401 without the token: the server is up
                 break
             except Exception:
                 if time.time() > deadline or head.poll() is not None:
