@@ -1,6 +1,6 @@
 """Tokenization throughput: the Ray Data pipeline vs single-process loops, same tokenizer, same data.
 
-    .venv/bin/python bench/tokenize.py [--copies 8] [--tokenizer embedded|PATH]
+    .venv/bin/python bench/tokenize_throughput.py [--copies 8] [--tokenizer embedded|PATH]
 
 Data: ../shared/data/hh-rlhf-harmless-base/test.jsonl.gz (2,312 real HH-RLHF pairs), written as
 `--copies` JSONL shards so there is enough work to spread. Contenders, in one run:
