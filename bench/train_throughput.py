@@ -48,7 +48,7 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/tokenize.py would shadow the standard library's tokenize (linecache, torch): drop this folder.
+# A bench script named like a stdlib module would shadow it (linecache, torch): drop this folder from sys.path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")

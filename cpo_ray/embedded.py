@@ -85,4 +85,6 @@ def resolve_model_path(model: ModelConfig, cache_dir: str | Path) -> str:
     """The folder or hub id to load: builds the embedded model under cache_dir when asked for it."""
     if model.name_or_path == EMBEDDED_MODEL:
         return str(build_embedded_model(Path(cache_dir) / "embedded-tiny", model.tiny).resolve())
-    return model.name_or_path
+    local = Path(model.name_or_path).expanduser()
+    # Workers and replicas run in other directories: a local folder travels as an absolute path.
+    return str(local.resolve()) if local.exists() else model.name_or_path
