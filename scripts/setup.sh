@@ -16,7 +16,7 @@ start=$(date +%s)
 "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip >/dev/null
 "$VENV/bin/pip" install -q --no-deps -r requirements/cpu.lock
-"$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
+"$VENV/bin/pip" install -q --no-deps -e .
 for bad in torchvision torchaudio torchcodec triton; do
   if "$VENV/bin/pip" show -q "$bad" 2>/dev/null; then echo "[setup] $bad must not be installed" >&2; exit 1; fi
 done
