@@ -344,6 +344,7 @@ def train_loop(config: dict) -> None:
             now = time.time()
             metrics = {k: sums[j].item() / (t.grad_accum * world) for j, k in enumerate(METRIC_KEYS)}
             metrics.update(step=step, epoch=epoch, batch_in_epoch=i + 1, lr=scheduler.get_last_lr()[0])
+            metrics["elapsed_s"] = round(now - start, 2)  # since this worker group started training
             metrics["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
             metrics["tokens_per_s"] = sums[-1].item() / max(now - window_t, 1e-9)  # non-pad, all workers
             sums.zero_()
