@@ -260,7 +260,10 @@ def train_loop(config: dict) -> None:
     metrics_path = out_dir / "metrics.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, state["step"])
+        if ckpt:
+            _truncate_metrics(metrics_path, state["step"])
+        else:  # a new run (not a resume) starts its own log
+            metrics_path.unlink(missing_ok=True)
         if ckpt:  # restarts (worker or driver crash, or a longer re-run) are recorded, not just printed
             _say(f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
             with (out_dir / "events.jsonl").open("a") as f:
