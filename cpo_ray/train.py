@@ -262,8 +262,9 @@ def train_loop(config: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if ckpt:
             _truncate_metrics(metrics_path, state["step"])
-        else:  # a new run (not a resume) starts its own log
+        else:  # a new run (not a resume) starts its own logs
             metrics_path.unlink(missing_ok=True)
+            (out_dir / "events.jsonl").unlink(missing_ok=True)
         if ckpt:  # restarts (worker or driver crash, or a longer re-run) are recorded, not just printed
             _say(f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
             with (out_dir / "events.jsonl").open("a") as f:
