@@ -260,12 +260,11 @@ def train_loop(config: dict) -> None:
     metrics_path = out_dir / "metrics.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt:
-            _truncate_metrics(metrics_path, state["step"])
-        else:  # a new run (not a resume) starts its own logs
+        if not ckpt:  # a new run (not a resume) starts its own logs
             metrics_path.unlink(missing_ok=True)
             (out_dir / "events.jsonl").unlink(missing_ok=True)
-        if ckpt:  # restarts (worker or driver crash, or a longer re-run) are recorded, not just printed
+        else:  # restarts (worker or driver crash, or a longer re-run) are recorded, not just printed
+            _truncate_metrics(metrics_path, state["step"])
             _say(f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
             with (out_dir / "events.jsonl").open("a") as f:
                 f.write(json.dumps({"event": "resume", "time": time.time(), **state}) + "\n")
