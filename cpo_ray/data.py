@@ -118,7 +118,7 @@ def read_file(batch: dict) -> dict:
                             raws.append(None)  # a binary cell that is not UTF-8: bad_encoding
                     yield {"source": sources, "raw": raws}
                     sources, raws = [], []
-        except (OSError, pa.ArrowException) as e:
+        except (OSError, ValueError, pa.ArrowException) as e:  # ValueError: e.g. undecodable schema names
             raise DataError(f"{path}: unreadable Parquet ({e})") from None
         return
     for line_no, line in _lines(path):
