@@ -25,7 +25,7 @@ def test_pairs_are_near_misses_with_disjoint_held_out_numbers():
     kw = dict(max_number=999_999, eval_fraction=0.1, seed=0)
     train = make_pairs(3000, held_out=False, **kw)
     held = make_pairs(300, held_out=True, **kw)
-    num = lambda r: int(r["prompt"].split()[1])  # noqa: E731
+    num = lambda r: int(r["prompt"].split()[0])  # noqa: E731
     assert not {num(r) for r in train} & {num(r) for r in held}
     assert all(is_held_out(num(r), 0.1, 0) for r in held)
     for r in train + held:
