@@ -117,6 +117,10 @@ def server():
         yield {"url": url, "model": model, "work": work, "stats": stats}
         stats["rss_gb_end"] = round(_tree_rss_gb(), 2)
         print(f"\nserve integration: {json.dumps(stats)}")
+        # Kept for the record (runs/ is git-ignored): start-up, memory, load-test latencies.
+        results = Path(__file__).resolve().parents[1] / "runs" / "test-results"
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "serve.json").write_text(json.dumps(stats, indent=2))
     finally:
         stop_server()  # serve.shutdown() on the cluster this module started
         ray.shutdown()
