@@ -293,6 +293,14 @@ class _SplitWriter:
         }
 
 
+def _root_message(err: BaseException) -> str:
+    """The message of the innermost error behind Ray's task wrappers (Ray appends hints after it)."""
+    while getattr(err, "cause", None) is not None or err.__cause__ is not None:
+        err = getattr(err, "cause", None) or err.__cause__
+    text = str(err).strip()
+    return text.splitlines()[0] if isinstance(err, DataError | OSError) else f"{type(err).__name__}: {text}"
+
+
 def prepare(cfg: Config, model_path: str) -> dict:
     """Tokenize train (and held-out) shards to Parquet under cfg.data_dir; returns the report.
 
@@ -332,7 +340,7 @@ def prepare(cfg: Config, model_path: str) -> dict:
                     batch = batch.filter(pc.invert(held))
                 writers[split].add(batch)
         except ray.exceptions.RayTaskError as e:
-            raise DataError(str(e.as_instanceof_cause()).strip().splitlines()[-1]) from None
+            raise DataError(_root_message(e)) from None
         for name, w in writers.items():
             report["splits"][name] = w.close(files)
     total_read = sum(r["rows_read"] for r in report["splits"].values())
