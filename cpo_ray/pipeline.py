@@ -101,11 +101,12 @@ def run_pipeline(cfg: Config, force: set[str] = frozenset(), skip: set[str] = fr
     eval_json, final_cfg = Path(cfg.eval_dir) / "eval.json", out / "final" / "config.json"
     fresh = eval_json.exists() and final_cfg.exists() and eval_json.stat().st_mtime > final_cfg.stat().st_mtime
     result = timed("eval", fresh, lambda: serve_and_eval(cfg, timings))
-    report = write_report(out)
-    timings_path.write_text(json.dumps(timings, indent=2))
     if result is None and (Path(cfg.eval_dir) / "eval.md").exists():
         print((Path(cfg.eval_dir) / "eval.md").read_text(), flush=True)
-    print(f"[cpo-ray] report: {report}", flush=True)
+    if "report" in skip:  # STAGES lists it, so --skip report must mean it
+        print("[cpo-ray] report: skipped (--skip report)", flush=True)
+    else:
+        print(f"[cpo-ray] report: {write_report(out)}", flush=True)
     return timings
 
 
