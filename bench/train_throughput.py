@@ -4,7 +4,7 @@
     .venv/bin/python bench/train_throughput.py --hidden 128 --layers 2 --steps 2 --warmup 1 \
         --max-length 256 --contenders trl,padded,packed,ray_1x1     # quick smoke run
 
-Same machine, model, data, max_length, batch, precision (fp32), optimizer (torch AdamW, lr 1e-5, betas
+Same machine, model, data, max_length, batch, precision (fp32), optimizer (torch AdamW fused=True, lr 1e-5, betas
 0.9/0.999, no weight decay, grad-norm clip 1.0, constant lr) and loss (sigmoid CPO + NLL, beta 0.1,
 cpo_alpha 1.0) for every contender. Default model: a random Llama, vocab 8192 (byte-level BPE trained here
 with `tokenizers` on the HH data), hidden 512, 6 layers, 8 heads, intermediate 1376 (~27M params),
@@ -72,7 +72,9 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 LR, BETAS, MAX_GRAD_NORM = 1e-5, (0.9, 0.999), 1.0
 BETA, CPO_ALPHA = 0.1, 1.0
 RAY_SHAPES = {"ray_1x2": (1, 2), "ray_1x1": (1, 1), "ray_2x1": (2, 1)}
-ALL = ["trl", "padded", "packed", *RAY_SHAPES]
+ONE_PROCESS = ["trl", "padded", "packed"]
+GROUPED = [f"{n}_grouped" for n in ONE_PROCESS]
+ALL = [*ONE_PROCESS, *GROUPED, *RAY_SHAPES]
 
 
 def load1() -> float:
@@ -260,7 +262,7 @@ def run_trl(model_dir: Path, pairs: list[dict], args, work: Path) -> dict:
         adam_beta1=BETAS[0],
         adam_beta2=BETAS[1],
         max_grad_norm=MAX_GRAD_NORM,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # the AdamW implementation cpo-ray uses
         bf16=False,
         fp16=False,
         use_cpu=True,
@@ -314,6 +316,27 @@ def timed(marks: list[float], step_tokens: list[int], args, start: float | None 
         "timed_tokens": toks,
         "step_tokens": step_tokens[:n],
     }
+
+
+def grouped_order(pairs: list[dict], args) -> list[dict]:
+    """The same pairs reordered as cpo-ray's length grouping (cpo_ray.batch.length_grouped) would batch
+    them: the warm-up pairs among themselves and the timed pairs among themselves, so every contender's
+    timed window still holds exactly the same pairs, only batched by length."""
+    import numpy as np
+
+    from cpo_ray.batch import length_grouped
+
+    def regroup(chunk: list[dict]) -> list[dict]:
+        cols = {
+            k: np.array([*(c[k] for c in chunk), None], dtype=object)[:-1]
+            for k in ("prompt_ids", "chosen_ids", "rejected_ids")
+        }
+        cols["i"] = np.arange(len(chunk))
+        rng = np.random.default_rng(args.seed)
+        return [chunk[i] for mb in length_grouped([cols], args.pairs, rng) for i in mb["i"]]
+
+    w, n = args.warmup * args.pairs, (args.warmup + args.steps) * args.pairs
+    return regroup(pairs[:w]) + regroup(pairs[w:n])
 
 
 def batches(pairs: list[dict], args) -> list[dict]:
@@ -395,7 +418,8 @@ def run_cpo_ray(variant: str, model_dir: Path, pairs: list[dict], args, profile:
     model.train()
     raws = batches(pairs, args)
     first = first_loss_cpo_ray(model, raws[0], collate)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, betas=BETAS, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=0.0, fused=True)
     marks, step_tokens, phases = [], [], {}
     for i, raw in enumerate(raws):
         step_tokens.append(cpo_ray_step(model, opt, raw, collate, phases if i >= args.warmup else None))
@@ -478,6 +502,7 @@ def run_ray(name: str, model_dir: Path, data_dir: Path, args, work: Path) -> dic
                 "max_grad_norm": MAX_GRAD_NORM,
                 "max_steps": args.warmup + args.steps,
                 "packing": args.ray_collate == "packed",
+                "group_by_length": args.ray_group,
                 "eval_every": 0,
                 "checkpoint_every": 0,
                 "max_failures": 0,
@@ -490,17 +515,27 @@ def run_ray(name: str, model_dir: Path, data_dir: Path, args, work: Path) -> dic
     wall = time.perf_counter() - t0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [r for r in rows if not r.get("final")]
-    rates = [r["tokens_per_s"] for r in rows if r["step"] > args.warmup]
+    timed_rows = [r for r in rows if r["step"] > args.warmup]
+    rates = [r["tokens_per_s"] for r in timed_rows]
     if len(rates) != args.steps:
         raise RuntimeError(f"{name}: expected {args.steps} timed steps in metrics.jsonl, got {len(rates)}")
+    toks = sum(r["tokens"] for r in timed_rows)
+    secs = sum(r["tokens"] / r["tokens_per_s"] for r in timed_rows)  # each step's own wall time
+    phases = {
+        k[5:]: round(statistics.fmean(r[k] for r in timed_rows), 4) for k in timed_rows[0] if k.startswith("time/")
+    }
     return {
-        "tokens_per_s": statistics.fmean(rates),
+        "tokens_per_s": toks / secs,  # aggregate, as for the one-process contenders
+        "tokens_per_s_mean_of_steps": statistics.fmean(rates),
         "tokens_per_s_median": statistics.median(rates),
         "timed_steps": len(rates),
+        "timed_tokens": toks,
+        "rank0_phase_s_per_step": phases,
         "run_training_wall_s": round(wall, 1),
         "batching": (
             f"Ray Data stream of the same pairs with the trainer's local shuffle; {workers} worker(s) x "
-            f"{args.pairs // workers} pairs, {args.ray_collate} collate, DeepSpeed ZeRO-{args.zero_stage}, "
+            f"{args.pairs // workers} pairs, {args.ray_collate} collate, group_by_length {args.ray_group}, "
+            f"DeepSpeed ZeRO-{args.zero_stage}, "
             f"{threads} torch thread(s) per worker"
         ),
     }
@@ -523,8 +558,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of trl/padded/packed and of the peak")
     ap.add_argument("--contenders", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     ap.add_argument("--ray-collate", choices=["packed", "padded"], default="packed", help="train.packing of ray_*")
-    ap.add_argument("--zero-stage", type=int, choices=[0, 2], default=0, help="train.zero_stage of ray_*")
-    ap.add_argument("--profile-variant", choices=["packed", "padded", "none"], default="packed")
+    ap.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=0, help="train.zero_stage of ray_*")
+    ap.add_argument("--ray-group", type=int, default=16, help="train.group_by_length of ray_* (0 = stream order)")
+    ap.add_argument("--profile-variant", choices=[*ONE_PROCESS[1:], *GROUPED[1:], "none"], default="packed_grouped")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the work folder (model, Parquet, runs)")
     args = ap.parse_args()
@@ -569,12 +605,16 @@ def bench(args, names: list[str], work: Path) -> dict:
     )
 
     res: dict[str, dict] = {}
+    pairs_grouped = grouped_order(pairs, args)
     for name in (n for n in names if n not in RAY_SHAPES):
         log(f"contender {name} (load {load1()})")
-        if name == "trl":
-            res[name] = run_trl(model_dir, pairs, args, work)
+        variant, data = name.removesuffix("_grouped"), pairs_grouped if name.endswith("_grouped") else pairs
+        if variant == "trl":
+            res[name] = run_trl(model_dir, data, args, work)
         else:
-            res[name] = run_cpo_ray(name, model_dir, pairs, args, profile=name == args.profile_variant)
+            res[name] = run_cpo_ray(variant, model_dir, data, args, profile=name == args.profile_variant)
+        if name.endswith("_grouped"):
+            res[name]["batching"] += "; pairs reordered by cpo-ray's length grouping (same pairs per window)"
         log(f"  -> {res[name]['tokens_per_s']:.0f} tok/s")
     ray_names = [n for n in names if n in RAY_SHAPES]
     if ray_names:
@@ -596,6 +636,7 @@ def bench(args, names: list[str], work: Path) -> dict:
             ray.shutdown()
     peak_end = measure_peak(args.threads)
     peak = max(peak_start, peak_end)
+    peak_1 = measure_peak(1)  # what one worker x 1 thread can reach at most
     torch.set_num_threads(args.threads)
 
     trl = res.get("trl", {}).get("tokens_per_s")
@@ -609,10 +650,17 @@ def bench(args, names: list[str], work: Path) -> dict:
                 r[k] = round(r[k], 3)
 
     # Same steps, same tokens: trl, padded and packed saw the same batches.
-    token_lists = [res[n]["step_tokens"] for n in ("trl", "padded", "packed") if n in res]
-    for n in ("trl", "padded", "packed"):
+    check: dict = {}
+    for group in (ONE_PROCESS, GROUPED):
+        token_lists = [res[n]["step_tokens"] for n in group if n in res]
+        check[f"same_tokens_per_step_{group[0]}"] = (
+            all(t == token_lists[0] for t in token_lists) if token_lists else None
+        )
+    # Grouping reorders pairs inside the warm-up and inside the timed window, never across them.
+    timed_tokens = {res[n]["timed_tokens"] for n in ONE_PROCESS + GROUPED if n in res}
+    check["same_timed_tokens_all_one_process"] = len(timed_tokens) <= 1
+    for n in ONE_PROCESS + GROUPED:
         res.get(n, {}).pop("step_tokens", None)
-    check = {"same_tokens_per_step": all(t == token_lists[0] for t in token_lists) if token_lists else None}
     if "trl" in res:
         for n in ("padded", "packed"):
             if n in res:
@@ -627,10 +675,15 @@ def bench(args, names: list[str], work: Path) -> dict:
     def ratio(a: str, b: str):
         return round(res[a]["tokens_per_s"] / res[b]["tokens_per_s"], 3) if a in res and b in res else None
 
-    best_one = max((n for n in ("padded", "packed") if n in res), key=lambda n: res[n]["tokens_per_s"], default=None)
+    best_one = max(
+        (n for n in ("padded", "packed", "padded_grouped", "packed_grouped") if n in res),
+        key=lambda n: res[n]["tokens_per_s"],
+        default=None,
+    )
     targets = {
         "one_process_best_variant": best_one,
         "one_process_over_trl": ratio(best_one, "trl") if best_one else None,
+        "one_process_over_trl_grouped": ratio(best_one, "trl_grouped") if best_one else None,
         "one_process_over_trl_target": 2.2,
         "one_process_mfu": res[best_one]["mfu_vs_measured_peak"] if best_one else None,
         "one_process_mfu_target": 0.75,
@@ -638,6 +691,7 @@ def bench(args, names: list[str], work: Path) -> dict:
         "ray_2x1_over_ray_1x1_target": 1.6,
         "ray_2x1_over_ray_1x2": ratio("ray_2x1", "ray_1x2"),
         f"ray_2x1_over_one_process_{args.ray_collate}": ratio("ray_2x1", args.ray_collate),
+        f"ray_2x1_over_one_process_{args.ray_collate}_grouped": ratio("ray_2x1", f"{args.ray_collate}_grouped"),
         "ray_2x1_over_one_process_target": 0.9,
     }
     return {
@@ -663,12 +717,17 @@ def bench(args, names: list[str], work: Path) -> dict:
             "pairs_per_step": args.pairs,
             "warmup_steps": args.warmup,
             "timed_steps": args.steps,
-            "optimizer": f"torch AdamW lr {LR} betas {list(BETAS)} wd 0, clip {MAX_GRAD_NORM}, constant lr",
+            "optimizer": f"torch AdamW (fused) lr {LR} betas {list(BETAS)} wd 0, clip {MAX_GRAD_NORM}, constant lr",
             "loss": f"sigmoid CPO + NLL, beta {BETA}, cpo_alpha {CPO_ALPHA}",
             "ray": f"ray.init(num_cpus=2), CPU 0.5 per worker, ZeRO-{args.zero_stage}, {args.ray_collate} collate",
             **counts,
         },
-        "peak_fp32_mm_gflops": {"start": round(peak_start, 1), "end": round(peak_end, 1), "used": round(peak, 1)},
+        "peak_fp32_mm_gflops": {
+            "start": round(peak_start, 1),
+            "end": round(peak_end, 1),
+            "used": round(peak, 1),
+            "one_thread": round(peak_1, 1),
+        },
         "flops_per_token": 6 * n_params,
         "loss_check_first_batch": check,
         "contenders": res,

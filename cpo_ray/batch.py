@@ -109,6 +109,34 @@ def collate_packed(batch: dict, pad_id: int, row_tokens: int | None = None) -> d
     }
 
 
+def pair_length(batch: dict) -> np.ndarray:
+    """Per pair: prompt + the longer response, i.e. the row width it needs when padded."""
+    return np.array(
+        [len(p) + max(len(c), len(r)) for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], strict=True)],
+        dtype=np.int64,
+    )  # fmt: skip
+
+
+def length_grouped(buffers, micro_batch_size: int, rng: np.random.Generator):
+    """Micro-batches of similar length from buffers of pairs (numpy batch dicts, e.g. Ray Data batches).
+
+    Each buffer is sorted by pair length and cut into micro-batches of `micro_batch_size` pairs, which
+    are yielded in a random order: padding (or packed row tails) shrinks to the length spread inside a
+    micro-batch while the step order stays shuffled. A buffer that is not a multiple of micro_batch_size
+    (the end of an epoch) leaves its remainder out, as drop_last would, chosen at random rather than
+    always the longest pairs.
+    """
+    for buf in buffers:
+        lengths = pair_length(buf)
+        keep = np.arange(len(lengths))
+        if len(keep) % micro_batch_size:
+            keep = np.sort(rng.choice(keep, len(keep) - len(keep) % micro_batch_size, replace=False))
+        order = keep[np.argsort(lengths[keep], kind="stable")]
+        chunks = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+        for j in rng.permutation(len(chunks)):
+            yield {k: v[chunks[j]] for k, v in buf.items()}
+
+
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob, scored token count) per sequence, [2B] each, from ONE forward of `model`.
 

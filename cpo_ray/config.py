@@ -114,6 +114,12 @@ class TrainConfig(_Strict):
     simpo_gamma: float = 0.5
     alpha: float = 0.0  # AlphaPO reward shape
     packing: bool = False  # padding-free micro-batches (pairs kept together)
+    # Micro-batches per length-sorted buffer: pairs of similar length train together (less padding,
+    # fewer packed row tails); larger = tighter lengths but batches less random. 0 or 1 = stream order.
+    group_by_length: int = 16
+    # ZeRO-0 with several workers: all-reduce gradients in buckets while backward runs (as torch DDP)
+    # instead of DeepSpeed's one flatten + all-reduce after it. Off = DeepSpeed's own path.
+    overlap_grad_sync: bool = True
     eval_every: int = 50  # steps between held-out evaluations (0 = only at the end)
     checkpoint_every: int = 100  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2

@@ -21,10 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpo_ray.batch import collate_packed, collate_padded, sequence_logps
+from cpo_ray.batch import collate_packed, collate_padded, length_grouped, sequence_logps
 from cpo_ray.config import Config
+from cpo_ray.gradsync import OverlappedGradSync
 from cpo_ray.loss import cpo_objective
 
+PHASES = (
+    "time/data_s",
+    "time/forward_s",
+    "time/backward_s",
+    "time/grad_sync_s",
+    "time/optimizer_s",
+    "time/metrics_sync_s",
+)
 STATE_FILE = "cpo_state.json"  # step + data position, next to DeepSpeed's files in each checkpoint
 METRIC_KEYS = [
     "loss",
@@ -238,7 +247,9 @@ def train_loop(config: dict) -> None:
     # Build: model -> client AdamW + schedule -> DeepSpeed engine.
     model = build_model(cfg, model_path, torch.float32 if dtype == torch.bfloat16 else dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    # fused: one kernel over all tensors; on CPU ~5x faster than the per-tensor loop (27M params:
+    # 0.03 s vs 0.17 s per step at 1 thread), the same update.
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, t.max_steps))
     # The shared-memory comm op is only used with LOCAL_SIZE set; building it costs ~40 s per start.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -249,6 +260,13 @@ def train_loop(config: dict) -> None:
         config=deepspeed_config(cfg, world, dtype == torch.bfloat16),
         dist_init_required=False,
     )
+
+    # ZeRO-0 data parallel: our overlapped all-reduce replaces DeepSpeed's post-backward one (fp32
+    # only: DeepSpeed's bf16/fp16 optimizers keep their own gradient buffers).
+    grad_sync = None
+    if t.overlap_grad_sync and t.zero_stage == 0 and world > 1 and dtype == torch.float32:
+        grad_sync = OverlappedGradSync(engine.module.parameters(), world)
+        engine.enable_backward_allreduce = False
 
     # Resume: DeepSpeed state (weights, optimizer, scheduler) + our step and data position.
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
@@ -307,18 +325,30 @@ def train_loop(config: dict) -> None:
         _say(f"[cpo-ray] step 0 eval: accuracy {metrics['eval/accuracy']:.3f} margin {metrics['eval/margin']:.3f}")
     epoch = state["epoch"]
     while step < t.max_steps and epoch < t.epochs:
+        group = max(1, t.group_by_length)
         batches = shard.iter_batches(
-            batch_size=t.micro_batch_size,
+            batch_size=t.micro_batch_size * group,
             batch_format="numpy",
-            drop_last=True,  # every rank must run the same number of steps
-            local_shuffle_buffer_size=t.micro_batch_size * 16,
+            # Every rank gets the same row count (equal split), hence the same micro-batch count.
+            drop_last=False,
+            local_shuffle_buffer_size=t.micro_batch_size * max(16, group),
             local_shuffle_seed=t.seed + epoch * 1000 + rank,
         )
+        # One permutation seed for all ranks: at each step every rank trains the same length quantile
+        # of its own buffer, so data-parallel ranks get similar work and rarely wait on each other.
+        batches = length_grouped(batches, t.micro_batch_size, np.random.default_rng([t.seed, epoch]))
         sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=engine.device)
+        # Seconds per phase of this rank's step (summed over micro-batches): data wait + collate,
+        # forward + loss, backward (DeepSpeed's own gradient reduction included), the wait for our
+        # overlapped all-reduce (ZeRO-0), optimizer step, metrics all-reduce.
+        phase = dict.fromkeys(PHASES, 0.0)
+        t_mark = time.perf_counter()
         for i, raw in enumerate(batches):
             if epoch == state["epoch"] and i < state["batch_in_epoch"]:
+                t_mark = time.perf_counter()
                 continue  # resume: these micro-batches were trained before the checkpoint
             batch = collate(raw)
+            t_mark = _lap(phase, "time/data_s", t_mark)
             logp, count = sequence_logps(engine, batch)
             b = batch["num_seqs"] // 2
             loss, m = cpo_objective(
@@ -333,23 +363,41 @@ def train_loop(config: dict) -> None:
                 simpo_gamma=t.simpo_gamma,
                 alpha=t.alpha,
             )
+            t_mark = _lap(phase, "time/forward_s", t_mark)
+            # Asked before step(): DeepSpeed's answer afterwards is about the NEXT micro-batch.
+            boundary = engine.is_gradient_accumulation_boundary()
+            if grad_sync:
+                grad_sync.prepare(boundary)
             engine.backward(loss)
+            t_mark = _lap(phase, "time/backward_s", t_mark)
+            if grad_sync:
+                grad_sync.finish()  # the wait for the last buckets (and for slower ranks)
+                t_mark = _lap(phase, "time/grad_sync_s", t_mark)
             engine.step()
+            t_mark = _lap(phase, "time/optimizer_s", t_mark)
             sums[:-1] += torch.stack([m[k].double() for k in METRIC_KEYS])
             sums[-1] += batch["tokens"]
             state.update(epoch=epoch, batch_in_epoch=i + 1)
-            if not engine.is_gradient_accumulation_boundary():
+            if not boundary:
                 continue
             step += 1
             state["step"] = step
+            if engine.global_steps != step:  # cheap guard: our step count is DeepSpeed's optimizer steps
+                raise RuntimeError(
+                    f"step {step} != DeepSpeed global_steps {engine.global_steps} (grad_accum bookkeeping)"
+                )
             if world > 1:
-                dist.all_reduce(sums)
+                dist.all_reduce(sums)  # also where a fast rank waits for a slow one
+            t_mark = _lap(phase, "time/metrics_sync_s", t_mark)
             now = time.time()
             metrics = {k: sums[j].item() / (t.grad_accum * world) for j, k in enumerate(METRIC_KEYS)}
             metrics.update(step=step, epoch=epoch, batch_in_epoch=i + 1, lr=scheduler.get_last_lr()[0])
             metrics["elapsed_s"] = round(now - start, 2)  # since this worker group started training
             metrics["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
-            metrics["tokens_per_s"] = sums[-1].item() / max(now - window_t, 1e-9)  # non-pad, all workers
+            metrics["tokens"] = int(sums[-1].item())  # non-pad tokens of this step, all workers
+            metrics["tokens_per_s"] = sums[-1].item() / max(now - window_t, 1e-9)
+            metrics.update({k: round(v, 4) for k, v in phase.items()})  # rank 0's phases
+            phase = dict.fromkeys(PHASES, 0.0)
             sums.zero_()
             if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 metrics.update(log_eval(step))
@@ -363,6 +411,7 @@ def train_loop(config: dict) -> None:
             elif step % t.report_every == 0 or "eval/accuracy" in metrics:
                 ray.train.report(metrics)
             window_t = time.time()  # eval, checkpoint and report time stay out of tokens/s
+            t_mark = time.perf_counter()
             if step >= t.max_steps:
                 break
         else:
@@ -377,6 +426,12 @@ def train_loop(config: dict) -> None:
             f.write(json.dumps({**metrics, "final": True}) + "\n")
         _progress(metrics, step, t.max_steps, start, start_step)
     checkpoint(metrics, final=True)
+
+
+def _lap(phase: dict, key: str, since: float) -> float:
+    now = time.perf_counter()
+    phase[key] += now - since
+    return now
 
 
 def _quiet_ray_train_reports() -> None:

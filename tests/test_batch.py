@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpo_ray.batch import collate_packed, collate_padded, sequence_logps
+from cpo_ray.batch import collate_packed, collate_padded, length_grouped, sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +55,63 @@ def test_packing_removes_padding():
     assert packed["input_ids"].numel() < padded["input_ids"].numel()
     # position ids restart at every sequence start
     assert (packed["position_ids"] == 0).sum() >= 16
+
+
+def _buffer(lengths, seed=0):
+    """A Ray-Data-like numpy batch whose pair i has prompt length lengths[i] and tags its prompt with i."""
+    rng = np.random.default_rng(seed)
+    obj = lambda xs: np.array([*xs, None], dtype=object)[:-1]  # noqa: E731
+    return {
+        "prompt_ids": obj(np.full(n, i) for i, n in enumerate(lengths)),
+        "chosen_ids": obj(np.full(rng.integers(1, 4), i) for i in range(len(lengths))),
+        "rejected_ids": obj(np.full(rng.integers(1, 4), i) for i in range(len(lengths))),
+    }
+
+
+def test_length_grouped_keeps_every_pair_once_and_whole():
+    lengths = np.random.default_rng(0).integers(1, 200, 64)
+    mbs = list(length_grouped([_buffer(lengths)], 8, np.random.default_rng(0)))
+    assert [len(mb["prompt_ids"]) for mb in mbs] == [8] * 8
+    tags = [int(p[0]) for mb in mbs for p in mb["prompt_ids"]]
+    assert sorted(tags) == list(range(64))  # each pair exactly once
+    for mb in mbs:  # the three columns of a pair stay together
+        for p, c, r in zip(mb["prompt_ids"], mb["chosen_ids"], mb["rejected_ids"], strict=True):
+            assert p[0] == c[0] == r[0]
+
+
+def test_length_grouped_cuts_padding():
+    lengths = np.random.default_rng(1).integers(1, 200, 128)
+    buf = _buffer(lengths)
+
+    def grid(mbs):  # padded positions: 2B rows x the longest sequence, summed over micro-batches
+        return sum(collate_padded(mb, 0)["input_ids"].numel() for mb in mbs)
+
+    stream = [{k: v[i : i + 8] for k, v in buf.items()} for i in range(0, 128, 8)]
+    grouped = list(length_grouped([buf], 8, np.random.default_rng(0)))
+    real = sum(collate_padded(mb, 0)["tokens"] for mb in stream)
+    assert sum(collate_padded(mb, 0)["tokens"] for mb in grouped) == real
+    # Hand-worked bound: sorted chunks of 8 among 1..199 pad to within the chunk's spread, far below
+    # random chunks (which pad nearly to the maximum of 8 draws).
+    assert grid(grouped) < 0.7 * grid(stream)
+    assert grid(grouped) < 1.15 * real
+
+
+def test_length_grouped_same_seed_gives_ranks_the_same_length_quantile():
+    # Two ranks' buffers: other pairs, other order; prompt lengths 10 apart (responses add 1-3).
+    a, b = 10 * np.arange(1, 33), (1000 + 10 * np.arange(1, 33))[::-1]
+    mb_a = list(length_grouped([_buffer(a, seed=1)], 4, np.random.default_rng([7, 0])))
+    mb_b = list(length_grouped([_buffer(b, seed=2)], 4, np.random.default_rng([7, 0])))
+    rank = lambda mbs, base: [(min(len(p) for p in mb["prompt_ids"]) - base) // 40 for mb in mbs]  # noqa: E731
+    assert rank(mb_a, 10) == rank(mb_b, 1010)  # step j: the same quantile on both ranks
+    assert rank(mb_a, 1) != sorted(rank(mb_a, 1))  # and the step order is shuffled
+
+
+def test_length_grouped_remainder_is_random_not_the_longest():
+    lengths = np.arange(1, 11)  # 10 pairs, micro-batch 4: 2 left out
+    left_out = set()
+    for seed in range(20):
+        mbs = list(length_grouped([_buffer(lengths)], 4, np.random.default_rng(seed)))
+        assert len(mbs) == 2
+        kept = {int(p[0]) for mb in mbs for p in mb["prompt_ids"]}
+        left_out |= set(range(10)) - kept
+    assert left_out - {8, 9}  # not always the two longest

@@ -128,6 +128,28 @@ def test_zero3_full_two_workers(ray_local, tmp_path):
     assert not (Path(cfg.output_dir) / "adapter").exists()
 
 
+def test_zero0_full_two_workers_grad_accum_overlapped_sync(ray_local, tmp_path):
+    """ZeRO-0 takes the trainer's overlapped gradient all-reduce; grad_accum=2 checks that steps are
+    counted (and all-reduced) on the real accumulation boundary."""
+    cfg, model_dir = run(
+        tmp_path,
+        "z0accum",
+        [
+            "train.zero_stage=0",
+            "model.lora.enabled=false",
+            "model.lora.modules_to_save=[]",
+            "train.micro_batch_size=4",
+            "train.grad_accum=2",
+            "train.max_steps=16",
+            "train.lr=1e-3",
+        ],
+    )
+    check_run(cfg, model_dir)
+    rows = [r for r in metrics(cfg) if "loss" in r and not r.get("final")]
+    assert all(r["time/grad_sync_s"] > 0 for r in rows)  # the overlapped path ran, every step
+    assert rows[-1]["batch_in_epoch"] == 2 * 16  # two micro-batches per optimizer step
+
+
 def test_resume_continues_step_optimizer_and_schedule(ray_local, tmp_path):
     common = [
         "train.zero_stage=2",
