@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py                      # defaults below, ~10 min on 2 cores
     .venv/bin/python bench/train_throughput.py --hidden 128 --layers 2 --steps 2 --warmup 1 \
-        --max-length 256 --contenders trl,padded,packed,ray_1x1     # quick smoke run
+        --max-length 256 --contenders trl,varlen,ray_1x1     # quick smoke run
 
 Same machine, model, data, max_length, batch, precision (fp32), optimizer (torch AdamW fused=True, lr 1e-5, betas
 0.9/0.999, no weight decay, grad-norm clip 1.0, constant lr) and loss (sigmoid CPO + NLL, beta 0.1,
@@ -23,7 +23,12 @@ Contenders (--contenders, comma-separated):
             DPODataCollatorWithPadding (right padding to the longest of the 8 sequences), full [8, L, V] logits
   padded    cpo-ray step in this process: collate_padded + sequence_logps + cpo_objective + backward + clip +
             AdamW, the SAME batches as trl (one sequence per row, right padding to the longest)
-  packed    the same with collate_packed (sequences of the batch packed into rows, no padding inside)
+  packed    the same with collate_packed (sequences of the batch packed into rows as wide as the longest,
+            block-diagonal mask; padding only in row tails)
+  varlen    the same with collate_varlen (all sequences in ONE row, no padding) + per-sequence causal SDPA:
+            what the trainer runs when train.packing is on (default attention)
+  *_grouped trl/padded/packed/varlen on the same pairs reordered by cpo-ray's length grouping (warm-up
+            and timed pairs regrouped separately, so every timed window holds the same pairs)
   ray_1x2   cpo_ray.train.run_training (TorchTrainer + DeepSpeed) on a Parquet of the same pairs,
             1 worker x 2 torch threads; ray_1x1: 1 worker x 1 thread; ray_2x1: 2 workers x 1 thread
             (global batch stays --pairs: micro_batch_size = pairs / workers). Ray Data streams the Parquet
@@ -72,7 +77,7 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 LR, BETAS, MAX_GRAD_NORM = 1e-5, (0.9, 0.999), 1.0
 BETA, CPO_ALPHA = 0.1, 1.0
 RAY_SHAPES = {"ray_1x2": (1, 2), "ray_1x1": (1, 1), "ray_2x1": (2, 1)}
-ONE_PROCESS = ["trl", "padded", "packed"]
+ONE_PROCESS = ["trl", "padded", "packed", "varlen"]
 GROUPED = [f"{n}_grouped" for n in ONE_PROCESS]
 ALL = [*ONE_PROCESS, *GROUPED, *RAY_SHAPES]
 
@@ -385,9 +390,10 @@ def cpo_ray_step(model, opt, raw: dict, collate, phases: dict | None = None):
 
 
 def collate_fn(variant: str, pad_id: int):
-    from cpo_ray.batch import collate_packed, collate_padded
+    from cpo_ray.batch import collate_packed, collate_padded, collate_varlen
 
-    return (lambda b: collate_packed(b, pad_id)) if variant == "packed" else (lambda b: collate_padded(b, pad_id))
+    fn = {"packed": collate_packed, "padded": collate_padded, "varlen": collate_varlen}[variant]
+    return lambda b: fn(b, pad_id)
 
 
 def first_loss_cpo_ray(model, raw: dict, collate) -> float:
@@ -415,6 +421,10 @@ def run_cpo_ray(variant: str, model_dir: Path, pairs: list[dict], args, profile:
     pad_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id
     collate = collate_fn(variant, pad_id)
     model = load_model(model_dir)
+    if variant == "varlen":
+        from cpo_ray.batch import use_varlen_attention
+
+        use_varlen_attention(model)
     model.train()
     raws = batches(pairs, args)
     first = first_loss_cpo_ray(model, raws[0], collate)
@@ -429,9 +439,13 @@ def run_cpo_ray(variant: str, model_dir: Path, pairs: list[dict], args, profile:
     res["first_batch_loss"] = first
     res["batching"] = (
         "the same sequential batches as trl; "
-        + ("sequences packed into rows (first-fit by length, position ids restart), no padding inside"
-           if variant == "packed" else "one sequence per row, right-padded to the longest")
-    )  # fmt: skip
+        + {
+            "packed": "sequences packed into rows as wide as the longest (first-fit by length, position ids restart, "
+            "block-diagonal mask), padding only in row tails",
+            "varlen": "all sequences in one row, no padding; per-sequence causal SDPA (cpo_ray.batch.varlen_sdpa)",
+            "padded": "one sequence per row, right-padded to the longest",
+        }[variant]
+    )
     if profile:
         res["profile_top10"] = profile_steps(model, opt, raws, collate, args)
     del model, opt
@@ -487,7 +501,12 @@ def run_ray(name: str, model_dir: Path, data_dir: Path, args, work: Path) -> dic
             "name": f"bench-{name}",
             "output_dir": str(out),
             "data": {"output_dir": str(data_dir), "max_length": args.max_length},
-            "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+            "model": {
+                "name_or_path": str(model_dir),
+                "dtype": "float32",
+                # the trainer packs varlen unless an explicit sdpa asks for block-diagonal rows
+                "attn_implementation": "sdpa" if args.ray_collate == "packed" else None,
+            },
             "train": {
                 "num_workers": workers,
                 "cpus_per_worker": 0.5,
@@ -501,7 +520,7 @@ def run_ray(name: str, model_dir: Path, data_dir: Path, args, work: Path) -> dic
                 "lr_schedule": "constant",
                 "max_grad_norm": MAX_GRAD_NORM,
                 "max_steps": args.warmup + args.steps,
-                "packing": args.ray_collate == "packed",
+                "packing": args.ray_collate != "padded",
                 "group_by_length": args.ray_group,
                 "eval_every": 0,
                 "checkpoint_every": 0,
@@ -522,8 +541,13 @@ def run_ray(name: str, model_dir: Path, data_dir: Path, args, work: Path) -> dic
     toks = sum(r["tokens"] for r in timed_rows)
     secs = sum(r["tokens"] / r["tokens_per_s"] for r in timed_rows)  # each step's own wall time
     phases = {
-        k[5:]: round(statistics.fmean(r[k] for r in timed_rows), 4) for k in timed_rows[0] if k.startswith("time/")
+        k[5:]: round(statistics.fmean(r[k] for r in timed_rows), 4)
+        for k in timed_rows[0]
+        if k.startswith("time/") and not isinstance(timed_rows[0][k], list)
     }
+    per_rank = [statistics.fmean(r["time/rank_compute_s"][j] for r in timed_rows) for j in range(workers)]
+    # what the slowest rank costs the others: mean over steps of (max - min) forward+backward seconds
+    spread = statistics.fmean(max(r["time/rank_compute_s"]) - min(r["time/rank_compute_s"]) for r in timed_rows)
     return {
         "tokens_per_s": toks / secs,  # aggregate, as for the one-process contenders
         "tokens_per_s_mean_of_steps": statistics.fmean(rates),
@@ -531,6 +555,8 @@ def run_ray(name: str, model_dir: Path, data_dir: Path, args, work: Path) -> dic
         "timed_steps": len(rates),
         "timed_tokens": toks,
         "rank0_phase_s_per_step": phases,
+        "rank_compute_s_per_step": [round(x, 4) for x in per_rank],
+        "rank_compute_spread_s_per_step": round(spread, 4),
         "run_training_wall_s": round(wall, 1),
         "batching": (
             f"Ray Data stream of the same pairs with the trainer's local shuffle; {workers} worker(s) x "
@@ -557,10 +583,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of trl/padded/packed and of the peak")
     ap.add_argument("--contenders", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
-    ap.add_argument("--ray-collate", choices=["packed", "padded"], default="packed", help="train.packing of ray_*")
+    ap.add_argument("--ray-collate", choices=["varlen", "packed", "padded"], default="varlen", help="batches of ray_*")
     ap.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=0, help="train.zero_stage of ray_*")
     ap.add_argument("--ray-group", type=int, default=16, help="train.group_by_length of ray_* (0 = stream order)")
-    ap.add_argument("--profile-variant", choices=[*ONE_PROCESS[1:], *GROUPED[1:], "none"], default="packed_grouped")
+    ap.add_argument("--profile-variant", choices=[*ONE_PROCESS[1:], *GROUPED[1:], "none"], default="varlen")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the work folder (model, Parquet, runs)")
     args = ap.parse_args()
@@ -662,7 +688,7 @@ def bench(args, names: list[str], work: Path) -> dict:
     for n in ONE_PROCESS + GROUPED:
         res.get(n, {}).pop("step_tokens", None)
     if "trl" in res:
-        for n in ("padded", "packed"):
+        for n in ("padded", "packed", "varlen"):
             if n in res:
                 d = abs(res[n]["first_batch_loss"] - res["trl"]["first_batch_loss"])
                 check[f"abs_diff_trl_vs_{n}"] = d
@@ -676,7 +702,7 @@ def bench(args, names: list[str], work: Path) -> dict:
         return round(res[a]["tokens_per_s"] / res[b]["tokens_per_s"], 3) if a in res and b in res else None
 
     best_one = max(
-        (n for n in ("padded", "packed", "padded_grouped", "packed_grouped") if n in res),
+        (n for n in ONE_PROCESS[1:] + GROUPED[1:] if n in res),
         key=lambda n: res[n]["tokens_per_s"],
         default=None,
     )
@@ -692,6 +718,7 @@ def bench(args, names: list[str], work: Path) -> dict:
         "ray_2x1_over_ray_1x2": ratio("ray_2x1", "ray_1x2"),
         f"ray_2x1_over_one_process_{args.ray_collate}": ratio("ray_2x1", args.ray_collate),
         f"ray_2x1_over_one_process_{args.ray_collate}_grouped": ratio("ray_2x1", f"{args.ray_collate}_grouped"),
+        "ray_2x1_over_best_one_process": ratio("ray_2x1", best_one) if best_one else None,
         "ray_2x1_over_one_process_target": 0.9,
     }
     return {

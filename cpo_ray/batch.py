@@ -137,6 +137,71 @@ def length_grouped(buffers, micro_batch_size: int, rng: np.random.Generator):
             yield {k: v[chunks[j]] for k, v in buf.items()}
 
 
+def collate_varlen(batch: dict, pad_id: int) -> dict:
+    """All 2B sequences end to end in ONE row, no padding at all, with their boundaries (cu_seqlens).
+
+    Needs an attention that reads the boundaries: `VARLEN_ATTENTION` (per-sequence causal SDPA, any
+    device) or flash_attention_2/3 (varlen kernels on GPU). Plain sdpa/eager would still be correct
+    (transformers masks by the restarting position ids) but pay dense attention over the whole row.
+    """
+    seqs = _sequences(batch)
+    lengths = np.array([len(ids) for ids, _ in seqs], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    input_ids = np.concatenate([ids for ids, _ in seqs])[None].astype(np.int64)
+    position_ids = np.concatenate([np.arange(n) for n in lengths])[None]
+    pred, tgt, sid = _targets(seqs, [(0, int(c)) for c in starts[:-1]], int(starts[-1]))
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": None,
+        "position_ids": torch.from_numpy(position_ids),
+        "cu_seqlens": torch.from_numpy(starts.astype(np.int32)),
+        "max_seqlen": int(lengths.max()),
+        "pred_idx": pred,
+        "tgt_ids": tgt,
+        "seq_idx": sid,
+        "num_seqs": len(seqs),
+        "tokens": int(lengths.sum()),
+    }
+
+
+VARLEN_ATTENTION = "cpo_varlen_sdpa"
+
+
+def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None, **kwargs):
+    """transformers attention function: causal SDPA per packed sequence (bounds from cu_seq_lens_q).
+
+    A block-diagonal mask over a packed row makes SDPA compute every (query, key) block of the row;
+    per-sequence causal calls compute only sum(L_i^2)/2 and take SDPA's causal fast path. Without
+    boundaries (padded batches, generation) it is transformers' own sdpa.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    p = dropout if module.training else 0.0
+    out = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa
+            )
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ],
+        dim=2,
+    )  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_varlen_attention(model) -> None:
+    """Switch a transformers model (peft/DeepSpeed wrappers included) to VARLEN_ATTENTION."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(VARLEN_ATTENTION)
+
+
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob, scored token count) per sequence, [2B] each, from ONE forward of `model`.
 
@@ -144,11 +209,18 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     all tokens, its LM head only on the positions that predict a response token.
     """
     device = next(model.parameters()).device
+    varlen = {}
+    if batch.get("cu_seqlens") is not None:  # read by VARLEN_ATTENTION and by flash-attention varlen
+        cu = batch["cu_seqlens"].to(device)
+        varlen = dict(
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"]
+        )
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"].to(device),
         attention_mask=None if batch["attention_mask"] is None else batch["attention_mask"].to(device),
         position_ids=None if batch["position_ids"] is None else batch["position_ids"].to(device),
         use_cache=False,
+        **varlen,
     ).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["pred_idx"].to(device))
     logits = model.get_output_embeddings()(h).float()

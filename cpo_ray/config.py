@@ -82,7 +82,9 @@ class ModelConfig(_Strict):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 CPU
     trust_remote_code: bool = False  # never run repository code unless asked
-    attn_implementation: str | None = None  # e.g. flash_attention_2 on GPU; None = sdpa
+    # None = sdpa, and with train.packing per-sequence causal SDPA over one padding-free row;
+    # flash_attention_2 on GPU reads the same packed boundaries; sdpa/eager = block-diagonal mask rows.
+    attn_implementation: str | None = None
     gradient_checkpointing: bool = False  # less activation memory, ~30% more compute
     lora: LoraConfig = Field(default_factory=LoraConfig)
 

@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpo_ray.batch import collate_packed, collate_padded, length_grouped, sequence_logps
+from cpo_ray.batch import (
+    VARLEN_ATTENTION,
+    collate_packed,
+    collate_padded,
+    collate_varlen,
+    length_grouped,
+    sequence_logps,
+    use_varlen_attention,
+)
 from cpo_ray.config import Config
 from cpo_ray.gradsync import OverlappedGradSync
 from cpo_ray.loss import cpo_objective
@@ -289,7 +297,18 @@ def train_loop(config: dict) -> None:
 
     eval_rows = load_eval_pairs(data_dir, rank, world)
     shard = ray.train.get_dataset_shard("train")
-    collate = (lambda b: collate_packed(b, pad_id)) if t.packing else (lambda b: collate_padded(b, pad_id))
+    # Packing: by default one padding-free row per micro-batch with per-sequence causal attention;
+    # flash-attention models read the same sequence boundaries. An explicit sdpa/eager keeps rows
+    # as wide as the longest sequence with a block-diagonal mask.
+    attn = cfg.model.attn_implementation
+    if t.packing and attn in (None, VARLEN_ATTENTION, "flash_attention_2", "flash_attention_3"):
+        if attn in (None, VARLEN_ATTENTION):
+            use_varlen_attention(engine.module)
+        collate = lambda b: collate_varlen(b, pad_id)  # noqa: E731
+    elif t.packing:
+        collate = lambda b: collate_packed(b, pad_id)  # noqa: E731
+    else:
+        collate = lambda b: collate_padded(b, pad_id)  # noqa: E731
 
     def checkpoint(metrics: dict, final: bool = False) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -337,7 +356,9 @@ def train_loop(config: dict) -> None:
         # One permutation seed for all ranks: at each step every rank trains the same length quantile
         # of its own buffer, so data-parallel ranks get similar work and rarely wait on each other.
         batches = length_grouped(batches, t.micro_batch_size, np.random.default_rng([t.seed, epoch]))
-        sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=engine.device)
+        # [metric sums..., tokens, per-rank forward+backward seconds x world]: one all_reduce per step.
+        n_m = len(METRIC_KEYS)
+        sums = torch.zeros(n_m + 1 + world, dtype=torch.float64, device=engine.device)
         # Seconds per phase of this rank's step (summed over micro-batches): data wait + collate,
         # forward + loss, backward (DeepSpeed's own gradient reduction included), the wait for our
         # overlapped all-reduce (ZeRO-0), optimizer step, metrics all-reduce.
@@ -375,8 +396,8 @@ def train_loop(config: dict) -> None:
                 t_mark = _lap(phase, "time/grad_sync_s", t_mark)
             engine.step()
             t_mark = _lap(phase, "time/optimizer_s", t_mark)
-            sums[:-1] += torch.stack([m[k].double() for k in METRIC_KEYS])
-            sums[-1] += batch["tokens"]
+            sums[:n_m] += torch.stack([m[k].double() for k in METRIC_KEYS])
+            sums[n_m] += batch["tokens"]
             state.update(epoch=epoch, batch_in_epoch=i + 1)
             if not boundary:
                 continue
@@ -386,6 +407,7 @@ def train_loop(config: dict) -> None:
                 raise RuntimeError(
                     f"step {step} != DeepSpeed global_steps {engine.global_steps} (grad_accum bookkeeping)"
                 )
+            sums[n_m + 1 + rank] = phase["time/forward_s"] + phase["time/backward_s"]
             if world > 1:
                 dist.all_reduce(sums)  # also where a fast rank waits for a slow one
             t_mark = _lap(phase, "time/metrics_sync_s", t_mark)
@@ -394,8 +416,10 @@ def train_loop(config: dict) -> None:
             metrics.update(step=step, epoch=epoch, batch_in_epoch=i + 1, lr=scheduler.get_last_lr()[0])
             metrics["elapsed_s"] = round(now - start, 2)  # since this worker group started training
             metrics["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
-            metrics["tokens"] = int(sums[-1].item())  # non-pad tokens of this step, all workers
-            metrics["tokens_per_s"] = sums[-1].item() / max(now - window_t, 1e-9)
+            metrics["tokens"] = int(sums[n_m].item())  # non-pad tokens of this step, all workers
+            metrics["tokens_per_s"] = sums[n_m].item() / max(now - window_t, 1e-9)
+            # Straggler view: each rank's forward+backward compute; the spread is what ranks wait for.
+            metrics["time/rank_compute_s"] = [round(x, 4) for x in sums[n_m + 1 :].tolist()]
             metrics.update({k: round(v, 4) for k, v in phase.items()})  # rank 0's phases
             phase = dict.fromkeys(PHASES, 0.0)
             sums.zero_()

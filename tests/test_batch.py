@@ -115,3 +115,63 @@ def test_length_grouped_remainder_is_random_not_the_longest():
         kept = {int(p[0]) for mb in mbs for p in mb["prompt_ids"]}
         left_out |= set(range(10)) - kept
     assert left_out - {8, 9}  # not always the two longest
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_varlen_one_row_equals_padded(tiny_model_dir, seed):
+    """One padding-free row + per-sequence causal attention: the same log-probs as padding."""
+    from transformers import AutoModelForCausalLM
+
+    from cpo_ray.batch import VARLEN_ATTENTION, collate_varlen, use_varlen_attention
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batch = random_batch(seed, pairs=5)
+    with torch.no_grad():
+        padded, n_pad = sequence_logps(m, collate_padded(batch, pad_id=0))
+        use_varlen_attention(m)
+        assert m.config._attn_implementation == VARLEN_ATTENTION
+        vb = collate_varlen(batch, pad_id=0)
+        varlen, n_var = sequence_logps(m, vb)
+        again, _ = sequence_logps(m, collate_padded(batch, pad_id=0))  # padded still works after the switch
+    assert vb["input_ids"].shape == (1, vb["tokens"])  # no padding at all
+    torch.testing.assert_close(varlen, padded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, padded, atol=1e-5, rtol=0)
+    assert n_var.tolist() == n_pad.tolist()
+
+
+def test_varlen_attention_keeps_sequences_apart(tiny_model_dir):
+    """Changing one sequence must not move another's log-prob (no attention across the boundary)."""
+    from transformers import AutoModelForCausalLM
+
+    from cpo_ray.batch import collate_varlen, use_varlen_attention
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    use_varlen_attention(m)
+    a = random_batch(7, pairs=3)
+    b = {k: v.copy() for k, v in a.items()}
+    b["chosen_ids"][0] = np.array([5, 6, 7, 8, 9, 10])  # sequence 0 changes; the others do not
+    with torch.no_grad():
+        la, _ = sequence_logps(m, collate_varlen(a, 0))
+        lb, _ = sequence_logps(m, collate_varlen(b, 0))
+    assert not torch.isclose(la[0], lb[0])
+    torch.testing.assert_close(la[1:], lb[1:], atol=1e-6, rtol=0)
+
+
+def test_varlen_gradients_equal_padded(tiny_model_dir):
+    """Training sees the same gradients through the per-sequence attention as through padding."""
+    from transformers import AutoModelForCausalLM
+
+    from cpo_ray.batch import collate_varlen, use_varlen_attention
+
+    batch = random_batch(11, pairs=3)
+    grads = []
+    for varlen in (False, True):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        if varlen:
+            use_varlen_attention(m)
+        logp, _ = sequence_logps(m, collate_varlen(batch, 0) if varlen else collate_padded(batch, 0))
+        logp.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-4, rtol=1e-4, msg=n)

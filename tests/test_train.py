@@ -146,7 +146,8 @@ def test_zero0_full_two_workers_grad_accum_overlapped_sync(ray_local, tmp_path):
     )
     check_run(cfg, model_dir)
     rows = [r for r in metrics(cfg) if "loss" in r and not r.get("final")]
-    assert all(r["time/grad_sync_s"] > 0 for r in rows)  # the overlapped path ran, every step
+    assert sum(r["time/grad_sync_s"] for r in rows) > 0  # the overlapped path ran (its wait is timed)
+    assert all(len(r["time/rank_compute_s"]) == 2 for r in rows)
     assert rows[-1]["batch_in_epoch"] == 2 * 16  # two micro-batches per optimizer step
 
 
