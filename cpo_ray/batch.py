@@ -176,6 +176,12 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    unsupported = {k: kwargs[k] for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None}
+    if unsupported:  # these models need their own kernel: fail loudly rather than attend differently
+        raise NotImplementedError(
+            f"{VARLEN_ATTENTION} does not implement {sorted(unsupported)}; set model.attn_implementation "
+            "to sdpa (block-diagonal packing) or flash_attention_2"
+        )
     if cu_seq_lens_q is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     bounds = cu_seq_lens_q.tolist()
@@ -200,6 +206,8 @@ def use_varlen_attention(model) -> None:
     AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.set_attn_implementation(VARLEN_ATTENTION)
+    if base.config._attn_implementation != VARLEN_ATTENTION:  # e.g. remote code that cannot switch
+        raise ValueError(f"{type(base).__name__} did not switch to {VARLEN_ATTENTION}: set model.attn_implementation")
 
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

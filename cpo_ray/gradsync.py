@@ -63,11 +63,11 @@ class OverlappedGradSync:
         self.launched = 0
 
     def _on_grad(self, p: torch.nn.Parameter) -> None:
-        if not self.boundary:
-            return
         if p.grad.data_ptr() != self.views[p].data_ptr():  # autograd replaced it: keep the bucket whole
             self.views[p].copy_(p.grad)
             p.grad = self.views[p]
+        if not self.boundary:
+            return
         self.remaining[self.bucket_of[p]] -= 1
         # Collectives must be issued in the same order on every rank: buckets go strictly in index
         # order, so a bucket holding a parameter unused on this step (data-dependent models) only

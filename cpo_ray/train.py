@@ -70,7 +70,7 @@ def lr_lambda(cfg, total_steps: int):
     return f
 
 
-def deepspeed_config(cfg: Config, world: int, bf16: bool) -> dict:
+def deepspeed_config(cfg: Config, world: int, bf16: bool, clip_in_loop: bool = False) -> dict:
     t = cfg.train
     zero: dict = {"stage": t.zero_stage}
     if t.offload_optimizer:
@@ -83,7 +83,8 @@ def deepspeed_config(cfg: Config, world: int, bf16: bool) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch_size * t.grad_accum * world,
-        "gradient_clipping": t.max_grad_norm,
+        # ZeRO-0 fp32: the loop clips (DeepSpeed's fp32 clip discards the norm it computes)
+        "gradient_clipping": 0.0 if clip_in_loop else t.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         # A client torch AdamW: DeepSpeed's own CPU Adam compiles a C++ op for minutes on first use.
@@ -99,7 +100,7 @@ def build_model(cfg: Config, model_path: str, dtype: torch.dtype):
 
     m = cfg.model
     kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code, "use_safetensors": True}
-    if m.attn_implementation:
+    if m.attn_implementation and m.attn_implementation != VARLEN_ATTENTION:  # ours is set after loading
         kwargs["attn_implementation"] = m.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     model.config.use_cache = False
@@ -255,6 +256,7 @@ def train_loop(config: dict) -> None:
     # Build: model -> client AdamW + schedule -> DeepSpeed engine.
     model = build_model(cfg, model_path, torch.float32 if dtype == torch.bfloat16 else dtype)
     params = [p for p in model.parameters() if p.requires_grad]
+    clip_in_loop = t.zero_stage == 0 and dtype == torch.float32 and t.max_grad_norm > 0
     # fused: one kernel over all tensors; on CPU ~5x faster than the per-tensor loop (27M params:
     # 0.03 s vs 0.17 s per step at 1 thread), the same update.
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=True)
@@ -265,7 +267,7 @@ def train_loop(config: dict) -> None:
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, dtype == torch.bfloat16),
+        config=deepspeed_config(cfg, world, dtype == torch.bfloat16, clip_in_loop),
         dist_init_required=False,
     )
 
@@ -343,6 +345,15 @@ def train_loop(config: dict) -> None:
             f.write(json.dumps({"step": 0, **metrics}) + "\n")
         _say(f"[cpo-ray] step 0 eval: accuracy {metrics['eval/accuracy']:.3f} margin {metrics['eval/margin']:.3f}")
     epoch = state["epoch"]
+    # [metric sums..., tokens, per-rank forward+backward seconds x world]: one all_reduce per step;
+    # kept across epochs, as is DeepSpeed's accumulation, when a step spans an epoch boundary.
+    n_m = len(METRIC_KEYS)
+    sums = torch.zeros(n_m + 1 + world, dtype=torch.float64, device=engine.device)
+    # Seconds per phase of this rank's step (summed over micro-batches): data wait + collate,
+    # forward + loss, backward (DeepSpeed's own gradient reduction included), the wait for our
+    # overlapped all-reduce (ZeRO-0), optimizer step, metrics all-reduce.
+    phase = dict.fromkeys(PHASES, 0.0)
+    grad_norm = 0.0
     while step < t.max_steps and epoch < t.epochs:
         group = max(1, t.group_by_length)
         batches = shard.iter_batches(
@@ -356,13 +367,6 @@ def train_loop(config: dict) -> None:
         # One permutation seed for all ranks: at each step every rank trains the same length quantile
         # of its own buffer, so data-parallel ranks get similar work and rarely wait on each other.
         batches = length_grouped(batches, t.micro_batch_size, np.random.default_rng([t.seed, epoch]))
-        # [metric sums..., tokens, per-rank forward+backward seconds x world]: one all_reduce per step.
-        n_m = len(METRIC_KEYS)
-        sums = torch.zeros(n_m + 1 + world, dtype=torch.float64, device=engine.device)
-        # Seconds per phase of this rank's step (summed over micro-batches): data wait + collate,
-        # forward + loss, backward (DeepSpeed's own gradient reduction included), the wait for our
-        # overlapped all-reduce (ZeRO-0), optimizer step, metrics all-reduce.
-        phase = dict.fromkeys(PHASES, 0.0)
         t_mark = time.perf_counter()
         for i, raw in enumerate(batches):
             if epoch == state["epoch"] and i < state["batch_in_epoch"]:
@@ -394,6 +398,8 @@ def train_loop(config: dict) -> None:
             if grad_sync:
                 grad_sync.finish()  # the wait for the last buckets (and for slower ranks)
                 t_mark = _lap(phase, "time/grad_sync_s", t_mark)
+            if clip_in_loop and boundary:  # same clip as DeepSpeed's, but the norm is kept for the metrics
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
             engine.step()
             t_mark = _lap(phase, "time/optimizer_s", t_mark)
             sums[:n_m] += torch.stack([m[k].double() for k in METRIC_KEYS])
@@ -415,7 +421,7 @@ def train_loop(config: dict) -> None:
             metrics = {k: sums[j].item() / (t.grad_accum * world) for j, k in enumerate(METRIC_KEYS)}
             metrics.update(step=step, epoch=epoch, batch_in_epoch=i + 1, lr=scheduler.get_last_lr()[0])
             metrics["elapsed_s"] = round(now - start, 2)  # since this worker group started training
-            metrics["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+            metrics["grad_norm"] = grad_norm if clip_in_loop else float(engine.get_global_grad_norm() or 0.0)
             metrics["tokens"] = int(sums[n_m].item())  # non-pad tokens of this step, all workers
             metrics["tokens_per_s"] = sums[n_m].item() / max(now - window_t, 1e-9)
             # Straggler view: each rank's forward+backward compute; the spread is what ranks wait for.

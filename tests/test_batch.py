@@ -175,3 +175,18 @@ def test_varlen_gradients_equal_padded(tiny_model_dir):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_varlen_attention_refuses_what_it_does_not_implement():
+    """Sliding windows, logit soft-capping and attention sinks need their own kernels: a loud error, not
+    silently different attention."""
+    from cpo_ray.batch import varlen_sdpa
+
+    q = torch.zeros(1, 2, 6, 4)
+    mod = torch.nn.Module()
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    for kw in ({"sliding_window": 4}, {"softcap": 30.0}, {"s_aux": torch.zeros(2)}):
+        with pytest.raises(NotImplementedError, match="attn_implementation"):
+            varlen_sdpa(mod, q, q, q, None, cu_seq_lens_q=cu, **kw)
+    out, _ = varlen_sdpa(mod, q, q, q, None, cu_seq_lens_q=cu, sliding_window=None)
+    assert out.shape == (1, 6, 2, 4)
