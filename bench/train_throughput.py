@@ -359,21 +359,27 @@ def batches(pairs: list[dict], args) -> list[dict]:
     return out
 
 
-def cpo_ray_step(model, opt, raw: dict, collate, phases: dict | None = None):
-    import torch
-
+def batch_loss(model, batch: dict):
+    """cpo-ray's loss on a collated batch: one forward, sigmoid CPO + NLL (the bench's settings)."""
     from cpo_ray.batch import sequence_logps
     from cpo_ray.loss import cpo_objective
 
-    t0 = time.perf_counter()
-    batch = collate(raw)
-    t1 = time.perf_counter()
     logp, count = sequence_logps(model, batch)
     b = batch["num_seqs"] // 2
     loss, _ = cpo_objective(
         logp[:b], logp[b:], count[:b], count[b:],
         loss_type="sigmoid", beta=BETA, cpo_alpha=CPO_ALPHA, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0,
     )  # fmt: skip
+    return loss
+
+
+def cpo_ray_step(model, opt, raw: dict, collate, phases: dict | None = None):
+    import torch
+
+    t0 = time.perf_counter()
+    batch = collate(raw)
+    t1 = time.perf_counter()
+    loss = batch_loss(model, batch)
     t2 = time.perf_counter()
     loss.backward()
     t3 = time.perf_counter()
@@ -399,18 +405,8 @@ def collate_fn(variant: str, pad_id: int):
 def first_loss_cpo_ray(model, raw: dict, collate) -> float:
     import torch
 
-    from cpo_ray.batch import sequence_logps
-    from cpo_ray.loss import cpo_objective
-
     with torch.no_grad():
-        batch = collate(raw)
-        logp, count = sequence_logps(model, batch)
-        b = batch["num_seqs"] // 2
-        loss, _ = cpo_objective(
-            logp[:b], logp[b:], count[:b], count[b:],
-            loss_type="sigmoid", beta=BETA, cpo_alpha=CPO_ALPHA, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0,
-        )  # fmt: skip
-    return float(loss)
+        return float(batch_loss(model, collate(raw)))
 
 
 def run_cpo_ray(variant: str, model_dir: Path, pairs: list[dict], args, profile: bool) -> dict:

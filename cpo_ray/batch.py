@@ -109,14 +109,6 @@ def collate_packed(batch: dict, pad_id: int, row_tokens: int | None = None) -> d
     }
 
 
-def pair_length(batch: dict) -> np.ndarray:
-    """Per pair: prompt + the longer response, i.e. the row width it needs when padded."""
-    return np.array(
-        [len(p) + max(len(c), len(r)) for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], strict=True)],
-        dtype=np.int64,
-    )  # fmt: skip
-
-
 def length_grouped(buffers, micro_batch_size: int, rng: np.random.Generator):
     """Micro-batches of similar length from buffers of pairs (numpy batch dicts, e.g. Ray Data batches).
 
@@ -127,7 +119,9 @@ def length_grouped(buffers, micro_batch_size: int, rng: np.random.Generator):
     always the longest pairs.
     """
     for buf in buffers:
-        lengths = pair_length(buf)
+        # prompt + the longer response: the width a pair needs when padded
+        cols = zip(buf["prompt_ids"], buf["chosen_ids"], buf["rejected_ids"], strict=True)
+        lengths = np.array([len(p) + max(len(c), len(r)) for p, c, r in cols], dtype=np.int64)
         keep = np.arange(len(lengths))
         if len(keep) % micro_batch_size:
             keep = np.sort(rng.choice(keep, len(keep) - len(keep) % micro_batch_size, replace=False))

@@ -87,9 +87,6 @@ class OverlappedGradSync:
             return
         while self.launched < len(self.buckets):
             self._launch()
-        for work in self.works:
+        for work in self.works:  # a parameter with no gradient this step contributes its zeroed view
             work.wait()
-        for p in self.params:  # a parameter with no gradient at all stays a zero view, as DeepSpeed fills zeros
-            if p.grad is None:
-                p.grad = self.views[p]
         self.boundary = False

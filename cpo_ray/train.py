@@ -354,8 +354,8 @@ def train_loop(config: dict) -> None:
     # overlapped all-reduce (ZeRO-0), optimizer step, metrics all-reduce.
     phase = dict.fromkeys(PHASES, 0.0)
     grad_norm = 0.0
+    group = max(1, t.group_by_length)
     while step < t.max_steps and epoch < t.epochs:
-        group = max(1, t.group_by_length)
         batches = shard.iter_batches(
             batch_size=t.micro_batch_size * group,
             batch_format="numpy",
