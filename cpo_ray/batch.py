@@ -18,14 +18,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE = -100
+from cpo_ray.contract import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
 
 
 def _sequences(batch: dict) -> list[tuple[np.ndarray, int]]:
     """(token ids, prompt length) for the 2B sequences: chosen first, then rejected."""
-    prompts = batch["prompt_ids"]
-    seqs = [(np.concatenate([p, c]), len(p)) for p, c in zip(prompts, batch["chosen_ids"], strict=True)]
-    seqs += [(np.concatenate([p, r]), len(p)) for p, r in zip(prompts, batch["rejected_ids"], strict=True)]
+    prompts = batch[PROMPT_IDS]
+    seqs = [(np.concatenate([p, c]), len(p)) for p, c in zip(prompts, batch[CHOSEN_IDS], strict=True)]
+    seqs += [(np.concatenate([p, r]), len(p)) for p, r in zip(prompts, batch[REJECTED_IDS], strict=True)]
     return seqs
 
 
@@ -120,7 +120,7 @@ def length_grouped(buffers, micro_batch_size: int, rng: np.random.Generator):
     """
     for buf in buffers:
         # prompt + the longer response: the width a pair needs when padded
-        cols = zip(buf["prompt_ids"], buf["chosen_ids"], buf["rejected_ids"], strict=True)
+        cols = zip(buf[PROMPT_IDS], buf[CHOSEN_IDS], buf[REJECTED_IDS], strict=True)
         lengths = np.array([len(p) + max(len(c), len(r)) for p, c, r in cols], dtype=np.int64)
         keep = np.arange(len(lengths))
         if len(keep) % micro_batch_size:
@@ -198,9 +198,11 @@ def use_varlen_attention(model) -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa)
+    from cpo_ray.compat import attn_implementation
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.set_attn_implementation(VARLEN_ATTENTION)
-    if base.config._attn_implementation != VARLEN_ATTENTION:  # e.g. remote code that cannot switch
+    if attn_implementation(base) != VARLEN_ATTENTION:  # e.g. remote code that cannot switch
         raise ValueError(f"{type(base).__name__} did not switch to {VARLEN_ATTENTION}: set model.attn_implementation")
 
 
@@ -236,3 +238,19 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     logp = torch.zeros(n, device=device, dtype=tok_logp.dtype).index_add_(0, sid, tok_logp)
     count = torch.bincount(sid, minlength=n).to(tok_logp.dtype)
     return logp, count
+
+
+def collate_for(packing: bool, attn: str | None, module, pad_id: int):
+    """The collate function of the trainer's micro-batches (switching `module` to VARLEN_ATTENTION if used).
+
+    Packing: by default one padding-free row per micro-batch with per-sequence causal attention;
+    flash-attention models read the same sequence boundaries. An explicit sdpa/eager keeps rows as wide
+    as the longest sequence with a block-diagonal mask. No packing: one right-padded sequence per row.
+    """
+    if packing and attn in (None, VARLEN_ATTENTION, "flash_attention_2", "flash_attention_3"):
+        if attn in (None, VARLEN_ATTENTION):
+            use_varlen_attention(module)
+        return lambda b: collate_varlen(b, pad_id)
+    if packing:
+        return lambda b: collate_packed(b, pad_id)
+    return lambda b: collate_padded(b, pad_id)

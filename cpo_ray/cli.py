@@ -1,21 +1,27 @@
-"""`cpo-ray`: prepare | train | serve | eval | pipeline, each with --config and dotted overrides.
+"""`cpo-ray COMMAND`: prepare | train | serve | eval | pipeline, each with --config, its own options and
+dotted overrides (anywhere on the line). `cpo-ray COMMAND --help` lists a command's options.
 
-cpo-ray pipeline --config configs/tiny-cpu.yaml          # everything, on the embedded default
-cpo-ray prepare  --config configs/tiny-cpu.yaml data.max_length=256
-cpo-ray train    --config configs/tiny-cpu.yaml train.max_steps=100
-cpo-ray serve    --config configs/tiny-cpu.yaml [--detach] [--model id=/path ...] | --stop
-cpo-ray eval     --endpoint http://127.0.0.1:8000/v1 --model base --model tuned --pairs runs/tiny-cpu/data/eval
+    cpo-ray pipeline --config configs/tiny-cpu.yaml          # everything, on the embedded default
+    cpo-ray prepare  --config configs/tiny-cpu.yaml data.max_length=256
+    cpo-ray train    --config configs/tiny-cpu.yaml train.max_steps=100
+    cpo-ray serve    --config configs/tiny-cpu.yaml [--detach] [--model id=/path ...] | --stop
+    cpo-ray eval     --endpoint http://127.0.0.1:8000/v1 --model base --model tuned --pairs runs/tiny-cpu/data/eval
+
+jobs/*.py run the same commands through `job()`: the same parser, overrides, error messages and exit codes
+(0 ok, 1 bad input or a failed run, 2 bad command line or config).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 
-from cpo_ray.config import Config, ConfigError, load_config
+from cpo_ray.config import ConfigError, load_config
+from cpo_ray.contract import Stage
 
 
 def init_ray() -> None:
@@ -27,23 +33,22 @@ def init_ray() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
-def cmd_prepare(cfg: Config, args) -> None:
+def cmd_prepare(cfg, args) -> None:
     from cpo_ray.pipeline import stage_prepare
 
     init_ray()
     stage_prepare(cfg)
 
 
-def cmd_train(cfg: Config, args) -> None:
+def cmd_train(cfg, args) -> None:
     from cpo_ray.pipeline import stage_train
 
     init_ray()
     stage_train(cfg)
 
 
-def cmd_serve(cfg: Config, args) -> None:
-    from cpo_ray.pipeline import served_models
-    from cpo_ray.serve import start_server, stop_server
+def cmd_serve(cfg, args) -> None:
+    from cpo_ray.serve import served_models, start_server, stop_server
 
     if args.stop:
         stop_server()
@@ -63,7 +68,8 @@ def cmd_serve(cfg: Config, args) -> None:
         serve.shutdown()
 
 
-def cmd_eval(cfg: Config, args) -> None:
+def cmd_eval(cfg, args) -> None:
+    from cpo_ray.contract import RunPaths
     from cpo_ray.pipeline import stage_eval
 
     if args.pairs:
@@ -71,71 +77,107 @@ def cmd_eval(cfg: Config, args) -> None:
     endpoint = args.endpoint or cfg.eval.endpoint
     models = args.model or cfg.eval.models
     if not endpoint or not models:
-        raise SystemExit(
-            "cpo-ray eval: needs --endpoint URL and at least one --model ID (or eval.endpoint/eval.models)"
-        )
+        raise UsageError("needs --endpoint URL and at least one --model ID (or eval.endpoint / eval.models)")
     stage_eval(cfg, endpoint, models, tokenizer_path=args.tokenizer)
-    print(f"[cpo-ray] eval: {cfg.eval_dir}/eval.json")
+    print(f"[cpo-ray] eval: {RunPaths.of(cfg).eval_json}")
 
 
-def cmd_pipeline(cfg: Config, args) -> None:
-    from cpo_ray.pipeline import STAGES, run_pipeline
+def cmd_pipeline(cfg, args) -> None:
+    from cpo_ray.pipeline import run_pipeline
 
-    unknown = (set(args.force) | set(args.skip)) - set(STAGES)
-    if unknown:
-        raise SystemExit(f"cpo-ray pipeline: unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGES)}")
     init_ray()
     run_pipeline(cfg, force=set(args.force), skip=set(args.skip))
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "serve": cmd_serve, "eval": cmd_eval, "pipeline": cmd_pipeline}
+COMMANDS = {
+    Stage.PREPARE: (cmd_prepare, "preference shards -> tokenized Parquet (Ray Data)"),
+    Stage.TRAIN: (cmd_train, "CPO on Ray Train + DeepSpeed; exports the merged model"),
+    "serve": (cmd_serve, "base and tuned behind an OpenAI-compatible API (Ray Serve + vLLM)"),
+    Stage.EVAL: (cmd_eval, "score held-out pairs through an endpoint"),
+    "pipeline": (cmd_pipeline, "prepare -> train -> serve + eval -> report; finished stages are skipped"),
+}
+
+
+class UsageError(ValueError):
+    """A command line that cannot run: printed with the command's name, exit code 2."""
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cpo-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("command", choices=list(COMMANDS))
-    p.add_argument("--config", "-c", help="YAML config (configs/*.yaml); defaults otherwise")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    g = p.add_argument_group("serve")
-    g.add_argument("--detach", action="store_true", help="leave the app running on the cluster and return")
-    g.add_argument("--stop", action="store_true", help="shut down the Serve app on the running cluster")
-    g.add_argument("--model", action="append", default=[], help="serve: id=/path (repeat); eval: served id (repeat)")
-    g = p.add_argument_group("eval")
-    g.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    g.add_argument("--pairs", help="held-out pairs: a tokenized Parquet folder/file")
-    g.add_argument("--tokenizer", help="tokenizer folder, to decode sample generations")
-    g = p.add_argument_group("pipeline")
-    g.add_argument("--force", action="append", default=[], help="re-run a stage whose artifacts exist (repeat)")
-    g.add_argument("--skip", action="append", default=[], help="skip a stage (repeat)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.commands = {}  # name -> that command's own parser
+    for name, (_, text) in COMMANDS.items():
+        c = p.commands[name] = sub.add_parser(name, help=text, description=text)
+        c.add_argument("--config", "-c", help="YAML config (configs/*.yaml); defaults otherwise")
+        c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5")
+        if name == "serve":
+            c.add_argument("--detach", action="store_true", help="leave the app running on the cluster and return")
+            c.add_argument("--stop", action="store_true", help="shut down the Serve app on the running cluster")
+            c.add_argument(
+                "--model", action="append", default=[], help="id=/path/to/model (repeat); default base+tuned"
+            )
+        elif name == Stage.EVAL:
+            c.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+            c.add_argument("--model", action="append", default=[], help="served model id (repeat; first = baseline)")
+            c.add_argument("--pairs", help="held-out pairs: a tokenized Parquet folder/file")
+            c.add_argument("--tokenizer", help="tokenizer folder, to decode sample generations")
+        elif name == "pipeline":
+            stages = [str(s) for s in Stage]
+            c.add_argument("--force", action="append", default=[], choices=stages, help="re-run a finished stage")
+            c.add_argument("--skip", action="append", default=[], choices=stages, help="leave a stage out")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = parser()
-    args, extra = ap.parse_known_args(argv)
-    # argparse leaves positionals that follow an option in `extra`: they are overrides too.
-    bad = [x for x in extra if "=" not in x or x.startswith("-")]
-    if bad:
-        ap.error(f"unrecognized arguments: {' '.join(bad)}")
-    try:
-        cfg = load_config(args.config, [*args.overrides, *extra])
-    except ConfigError as e:
-        print(f"cpo-ray: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-        return 0
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command's own parser, with overrides allowed between its options (exits 2 on a bad line)."""
+    top = parser()
+    if not argv or argv[0] not in COMMANDS:
+        return top.parse_args(argv)  # help, or the usage error naming the valid commands
+    args = top.commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
+@contextlib.contextmanager
+def exit_codes(command: str):
+    """Bad input and bad command lines become one clear line on stderr and an exit code, not a traceback."""
     from cpo_ray.data import DataError
 
     try:
-        COMMANDS[args.command](cfg, args)
-    except DataError as e:  # bad input: a clear message naming file/row, not a traceback
-        print(f"cpo-ray {args.command}: {e}", file=sys.stderr)
-        return 1
+        yield
+    except (ConfigError, UsageError) as e:
+        print(f"cpo-ray {command}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except DataError as e:  # names the file/row
+        print(f"cpo-ray {command}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+@contextlib.contextmanager
+def job(command: str, argv: list[str] | None = None):
+    """What jobs/*.py run: `cpo-ray COMMAND` parsing (argv defaults to sys.argv[1:]) and error handling;
+    yields (cfg, args)."""
+    args = parse([command, *(sys.argv[1:] if argv is None else argv)])
+    with exit_codes(command):
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+            raise SystemExit(0)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        yield cfg, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else ""
+    try:
+        with job(command, argv[1:]) as (cfg, args):
+            COMMANDS[args.command][0](cfg, args)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
     return 0
 
 

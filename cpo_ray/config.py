@@ -2,8 +2,11 @@
 
     cfg = load_config("configs/tiny-cpu.yaml", ["train.lr=2e-5", "train.num_workers=1"])
 
-Unknown keys, wrong types and missing files are errors that name the key or file. Pure: imports
-neither Ray nor DeepSpeed nor vLLM, so every job and test can validate a config cheaply.
+Every field carries a one-line comment: what it does, what it trades off, and the paper's or TRL's default
+where there is one. Library defaults are those of a real pretrained model tuned with LoRA as in the CPO paper
+(Xu et al. 2024, ALMA-R: LoRA rank 16, lr 1e-4, beta 0.1, one epoch); the toy values of the embedded default
+live in configs/tiny-cpu.yaml, which says why each differs. Unknown keys, wrong types and missing files are
+errors that name the key or file. Pure: imports neither Ray nor DeepSpeed nor vLLM.
 """
 
 from __future__ import annotations
@@ -28,24 +31,29 @@ class _Strict(BaseModel):
 class SyntheticConfig(_Strict):
     """The shipped numbers-to-words preference task (see cpo_ray.synthetic)."""
 
-    train_pairs: int = 20000
-    eval_pairs: int = 500
-    max_number: int = 999_999
+    train_pairs: int = 20000  # more pairs = more distinct numbers seen, a longer prepare
+    eval_pairs: int = 500  # held-out pairs; more = a tighter accuracy estimate, slower evaluations
+    max_number: int = 999_999  # largest number; more digits = a harder, longer task
     eval_fraction: float = 0.1  # share of the NUMBERS held out entirely for evaluation
-    seed: int = 0
+    seed: int = 0  # same seed, same files
 
 
 class DataConfig(_Strict):
-    train_files: list[str] = Field(default_factory=list)  # paths, globs or fsspec URIs
-    eval_files: list[str] = Field(default_factory=list)  # held-out pairs; empty = split from train
-    eval_split: float = 0.0  # with no eval_files: share of train rows held out (hash of the row)
-    synthetic: SyntheticConfig | None = None  # set: generate the embedded task instead of files
+    """Preference shards in, tokenized Parquet out (cpo_ray.data)."""
+
+    train_files: list[str] = Field(default_factory=list)  # paths, globs, folders or fsspec URIs (s3://, hf://)
+    eval_files: list[str] = Field(default_factory=list)  # held-out pairs; empty = carve eval_split out of train
+    eval_split: float = 0.0  # with no eval_files: share of train rows held out (by a hash of the row's source)
+    synthetic: SyntheticConfig | None = None  # set: generate the embedded numbers task instead of reading files
+    # explicit / conversational / implicit (HH-RLHF) / sharegpt; auto detects per row (a few us per row)
     format: Literal["auto", "explicit", "conversational", "implicit", "sharegpt"] = "auto"
-    columns: dict[str, str] = Field(default_factory=dict)  # {prompt|chosen|rejected: source field}
-    max_length: int = 512  # per sequence (prompt + one response); longer prompts lose their start
-    max_reject_fraction: float = 0.01  # fail the run when more rows than this are rejected
-    output_dir: str | None = None  # tokenized Parquet; default <output_dir>/data
-    rows_per_file: int = 50_000  # Parquet rows per written shard
+    columns: dict[str, str] = Field(default_factory=dict)  # {prompt|chosen|rejected|...: source field name}
+    # Tokens per sequence (prompt + one response), TRL's default: longer = more memory per pair; longer
+    # prompts lose their start first (down to half the budget), then responses their ends.
+    max_length: int = 1024
+    max_reject_fraction: float = 0.01  # fail the run when more rows than this are rejected (never silently)
+    output_dir: str | None = None  # tokenized Parquet; None = <output_dir>/data
+    rows_per_file: int = 50_000  # Parquet rows per written shard: more = fewer files, larger reads
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -60,78 +68,87 @@ class DataConfig(_Strict):
 class TinyModelConfig(_Strict):
     """Shape of the embedded random Llama (used when model.name_or_path is embedded:tiny)."""
 
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    intermediate_size: int = 384
-    max_position_embeddings: int = 512
-    seed: int = 0
+    hidden_size: int = 128  # wider = more capacity per step, slower steps
+    num_hidden_layers: int = 4  # deeper = more capacity, slower steps
+    num_attention_heads: int = 4  # head dim = hidden_size / heads
+    intermediate_size: int = 384  # MLP width
+    max_position_embeddings: int = 512  # must cover data.max_length and serve.max_model_len
+    seed: int = 0  # same seed, same weights
 
 
 class LoraConfig(_Strict):
-    enabled: bool = False
-    r: int = 16  # rank: higher = more capacity, more memory
+    """peft LoRA; the CPO paper's ALMA-R tuned rank-16 LoRA weights only."""
+
+    enabled: bool = True  # False = full fine-tune: every weight and its Adam state, ~10x lower lr
+    r: int = 16  # rank (paper: 16): higher = more capacity, more memory and compute
     alpha: int = 32  # scale = alpha / r
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-    modules_to_save: list[str] = Field(default_factory=list)  # trained in full (e.g. embed_tokens, lm_head)
+    dropout: float = 0.05  # regularisation of the adapter input; 0 for tiny or synthetic tasks
+    target_modules: list[str] | str = "all-linear"  # every projection in attention and MLP (not lm_head)
+    modules_to_save: list[str] = Field(default_factory=list)  # trained in full as well (e.g. embed_tokens)
 
 
 class ModelConfig(_Strict):
-    name_or_path: str = EMBEDDED_MODEL  # HF id or folder; embedded:tiny = built offline
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 CPU
-    trust_remote_code: bool = False  # never run repository code unless asked
+    """The causal LM to tune (cpo_ray.model)."""
+
+    name_or_path: str = EMBEDDED_MODEL  # Hub id or folder; embedded:tiny = a tiny random model built offline
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)  # shape of embedded:tiny
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    trust_remote_code: bool = False  # never run a repository's code unless asked
     # None = sdpa, and with train.packing per-sequence causal SDPA over one padding-free row;
     # flash_attention_2 on GPU reads the same packed boundaries; sdpa/eager = block-diagonal mask rows.
     attn_implementation: str | None = None
-    gradient_checkpointing: bool = False  # less activation memory, ~30% more compute
+    gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~30% more compute
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class TrainConfig(_Strict):
-    num_workers: int = 2
-    use_gpu: bool = False
+    """Ray Train + DeepSpeed + the CPO loss (cpo_ray.train, cpo_ray.loss)."""
+
+    num_workers: int = 1  # Ray Train workers = data-parallel ranks (one per GPU)
+    use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = 1.0  # fractional on small CPU hosts so Ray Data still schedules
     torch_threads: int | None = None  # intra-op threads per worker; None = cpus_per_worker (>= 1)
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False  # ZeRO optimizer state in host RAM: less GPU memory, slower
-    offload_params: bool = False  # ZeRO-3 parameters in host RAM
-    micro_batch_size: int = 8  # pairs per worker per forward
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 20
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1  # decay floor as a share of lr
-    max_grad_norm: float = 1.0
-    max_steps: int = 300  # optimizer steps; stops earlier if epochs run out
-    epochs: int = 100
-    # CPO (Xu et al. 2024) and TRL CPOTrainer variants; see cpo_ray.loss
-    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "alphapo"] = "sigmoid"
-    beta: float = 0.1
-    cpo_alpha: float = 1.0  # weight of the chosen NLL term
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    alpha: float = 0.0  # AlphaPO reward shape
-    packing: bool = False  # padding-free micro-batches (pairs kept together)
+    zero_stage: Literal[0, 1, 2, 3] = (
+        2  # 1: shard Adam state, 2: + gradients, 3: + parameters (an all-gather per layer)
+    )
+    offload_optimizer: bool = False  # ZeRO optimizer state in host RAM: less GPU memory, slower steps
+    offload_params: bool = False  # ZeRO-3 parameters in host RAM: fits bigger models, slower again
+    micro_batch_size: int = 8  # pairs per worker per forward (TRL: 8): more = faster, more activation memory
+    grad_accum: int = 1  # micro-batches per optimizer step: a larger batch without the memory
+    lr: float = 1e-4  # the paper's LoRA lr; full fine-tunes want ~1e-6 (TRL's default 1e-6 assumes full)
+    weight_decay: float = 0.0  # TRL's default
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # torch/TRL defaults
+    warmup_ratio: float = 0.01  # share of the run spent warming up (paper: 0.01); warmup_steps wins when set
+    warmup_steps: int | None = None  # linear warm-up steps; None = warmup_ratio x total steps
+    lr_schedule: Literal["cosine", "linear", "constant"] = "linear"  # after warm-up (TRL: linear to 0)
+    min_lr_ratio: float = 0.0  # decay floor as a share of lr (0 = decay to zero, as TRL)
+    max_grad_norm: float = 1.0  # gradient clipping (TRL: 1.0); 0 = off
+    max_steps: int | None = None  # optimizer steps; None = as many as `epochs` allows
+    epochs: int = 1  # passes over the training split (paper: 1); the run ends at whichever comes first
+    # CPO (Xu et al. 2024) and TRL CPOTrainer's variants; see cpo_ray.loss
+    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "alphapo"] = "sigmoid"  # sigmoid = the paper's L_prefer
+    beta: float = 0.1  # temperature of the preference term (paper: 0.1): higher = sharper, less tolerant margins
+    cpo_alpha: float = 1.0  # weight of the chosen NLL term (paper: 1): 0 drops the behaviour-cloning regulariser
+    label_smoothing: float = 0.0  # sigmoid/simpo only: assumed share of flipped labels (conservative DPO)
+    simpo_gamma: float = 0.5  # simpo: target reward margin (TRL: 0.5), applied as gamma/beta
+    alpha: float = 0.0  # AlphaPO reward shape r = (1 - p^-alpha)/alpha; 0 = the plain log-prob reward
+    packing: bool = True  # padding-free micro-batches (pairs kept together): the same log-probs, fewer FLOPs
     # Micro-batches per length-sorted buffer: pairs of similar length train together (less padding,
     # fewer packed row tails); larger = tighter lengths but batches less random. 0 or 1 = stream order.
     group_by_length: int = 16
     # ZeRO-0 with several workers: all-reduce gradients in buckets while backward runs (as torch DDP)
     # instead of DeepSpeed's one flatten + all-reduce after it. Off = DeepSpeed's own path.
     overlap_grad_sync: bool = True
-    eval_every: int = 50  # steps between held-out evaluations (0 = only at the end)
-    checkpoint_every: int = 100  # steps between checkpoints (0 = only at the end)
-    keep_checkpoints: int = 2
-    max_failures: int = 2  # worker-group restarts from the last checkpoint
-    log_every: int = 10  # console progress line every N steps
+    eval_every: int = 100  # steps between held-out evaluations (0 = only at the start and the end)
+    checkpoint_every: int = 200  # steps between checkpoints (0 = only at the end): more = less lost to a crash
+    keep_checkpoints: int = 2  # checkpoints kept in storage (each holds every rank's shard)
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    log_every: int = 10  # console progress line every N steps (metrics.jsonl gets every step)
     # ray.train.report() is a cross-rank barrier plus a hand-off the controller polls (~2 s apart),
     # so reporting every step caps training near one step per poll; metrics.jsonl still gets every step.
     report_every: int = 10
-    seed: int = 0
-    storage_path: str | None = None  # Ray Train storage (local dir or s3://...); default <output_dir>/ray
+    seed: int = 0  # model init (embedded), shuffling and length grouping
+    storage_path: str | None = None  # Ray Train checkpoints (local dir or s3://...); None = <output_dir>/ray
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -143,60 +160,53 @@ class TrainConfig(_Strict):
             raise ValueError("train.offload_params needs train.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("train.warmup_ratio must be in [0, 1)")
         return self
 
 
 class ServeConfig(_Strict):
-    models: dict[str, str] = Field(default_factory=dict)  # served id -> model folder; {} = base+tuned
+    """Ray Serve LLM + vLLM behind one OpenAI-compatible API (cpo_ray.serve)."""
+
+    models: dict[str, str] = Field(default_factory=dict)  # served id -> model folder; {} = base + tuned
     host: str = "127.0.0.1"  # loopback unless you mean to expose it
     port: int = 8000
-    api_key: str | None = None  # or env CPO_RAY_API_KEY; clients then need Bearer auth
-    device: Literal["auto", "cpu", "gpu"] = "auto"
-    dtype: str = "auto"  # auto: float32 on CPU (bf16 is slow without AVX-512), bfloat16 on GPU
-    max_model_len: int = 1024
-    kv_cache_memory_bytes: int | None = 256 * 2**20  # CPU needs an explicit KV cache size
+    api_key: str | None = None  # or env CPO_RAY_API_KEY; clients then need `Authorization: Bearer <key>`
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when this process sees CUDA
+    dtype: str = "auto"  # auto: float32 on CPU (bf16 is ~10x slower without AVX-512), bfloat16 on GPU
+    max_model_len: int = 1024  # longest prompt + generation; more = more KV cache per sequence
+    kv_cache_memory_bytes: int | None = 256 * 2**20  # CPU needs an explicit KV cache size; None = GPU sizing
     gpu_memory_utilization: float = 0.85  # per model when several share one GPU
-    enforce_eager: bool = True  # CPU: no graph capture; GPU: False for CUDA graphs
-    tensor_parallel_size: int = 1
-    max_num_seqs: int = 64
-    ready_timeout_s: float = 600.0
+    enforce_eager: bool = True  # CPU: no graph capture; GPU: False for CUDA graphs (faster, slower start)
+    tensor_parallel_size: int = 1  # GPUs per model
+    max_num_seqs: int = 64  # sequences an engine batches per step: more = throughput, more KV cache
+    ready_timeout_s: float = 600.0  # give up (and delete the app) if the models are not up by then
 
 
 class EvalConfig(_Strict):
+    """Held-out pairs scored through the endpoint (cpo_ray.evaluate)."""
+
     endpoint: str | None = None  # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
-    models: list[str] = Field(default_factory=list)  # served ids; first = baseline
-    pairs: str | None = None  # held-out pairs (raw file or tokenized dir); default: data eval split
-    max_pairs: int | None = None
+    models: list[str] = Field(default_factory=list)  # served ids; the first is the baseline
+    pairs: str | None = None  # held-out pairs (a tokenized Parquet dir/file); None = the data eval split
+    max_pairs: int | None = None  # score at most this many pairs (None = all)
     concurrency: int = 16  # requests in flight; more = faster until the server saturates
     pairs_per_request: int = 8  # pairs scored per completions call (2 prompts each): fewer HTTP hops
-    retries: int = 4
-    timeout_s: float = 120.0
+    retries: int = 4  # the openai client's retries of connection errors, 408/409/429 and 5xx (with backoff)
+    timeout_s: float = 120.0  # per request
     generate_samples: int = 4  # prompts to generate from per model for the report (0 = off)
-    max_new_tokens: int = 64
-    output_dir: str | None = None  # default <output_dir>/eval
+    max_new_tokens: int = 64  # per sample generation
+    output_dir: str | None = None  # None = <output_dir>/eval
 
 
 class Config(_Strict):
-    name: str = "tiny"  # run name: Ray Train resumes a run of the same name
-    output_dir: str = "runs/tiny"
+    name: str = "cpo"  # run name: Ray Train resumes a run of the same name
+    output_dir: str = "runs/cpo"  # data/, final/, adapter/, metrics.jsonl, eval/, report.html
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-
-    # Derived locations; one place so jobs and stages agree.
-    @property
-    def data_dir(self) -> str:
-        return self.data.output_dir or str(Path(self.output_dir) / "data")
-
-    @property
-    def eval_dir(self) -> str:
-        return self.eval.output_dir or str(Path(self.output_dir) / "eval")
-
-    @property
-    def storage_path(self) -> str:
-        return self.train.storage_path or str((Path(self.output_dir) / "ray").resolve())
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -251,7 +261,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -3,9 +3,9 @@
     read (one task per file, batches of lines with file:line) -> normalise + tokenize (actor pool,
     tokenizer loaded once per actor) -> kept rows to Parquet, rejects counted by reason
 
-`prepare(cfg)` writes `<data_dir>/{train,eval}/*.parquet` and `<data_dir>/prepare_report.json` and
-fails when the rejected share exceeds data.max_reject_fraction. `train_stream(data_dir)` is the lazy
-Ray Dataset the trainer streams (read_parquet: workers start on the first blocks). Inputs: JSONL,
+`prepare(cfg)` writes each split's Parquet and prepare_report.json where cpo_ray.contract.RunPaths says, and
+fails when the rejected share exceeds data.max_reject_fraction. `train_stream(split_dir)` is the lazy Ray
+Dataset the trainer streams (read_parquet: workers start on the first blocks). Inputs: JSONL,
 JSONL.gz and Parquet; local paths, globs, folders or any fsspec URI (s3://, gs://, ...).
 """
 
@@ -22,24 +22,23 @@ import numpy as np
 import pyarrow as pa
 
 from cpo_ray.config import Config, DataConfig
+from cpo_ray.contract import EVAL, KEPT_COLUMNS, PAIR_COLUMNS, SOURCE, TRAIN, TRUNCATED, Reject, RunPaths
 from cpo_ray.tokenize import RowError, Special, tokenize_batch
 
 READ_BATCH = 1024
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 MAX_EXAMPLES = 5  # file:line examples kept per reject reason
 
+# What the tokenize stage emits per row read: the kept columns, plus why a row was rejected.
 OUT_SCHEMA = pa.schema(
     [
-        ("prompt_ids", pa.list_(pa.int32())),
-        ("chosen_ids", pa.list_(pa.int32())),
-        ("rejected_ids", pa.list_(pa.int32())),
-        ("truncated", pa.bool_()),
-        ("source", pa.string()),
-        ("reason", pa.string()),  # null = kept
+        *[(c, pa.list_(pa.int32())) for c in PAIR_COLUMNS],
+        (TRUNCATED, pa.bool_()),
+        (SOURCE, pa.string()),
+        ("reason", pa.string()),  # a Reject value; null = kept
         ("message", pa.string()),
     ]
 )
-KEPT_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "truncated", "source"]
 
 
 class DataError(RuntimeError):
@@ -70,7 +69,7 @@ def _lines(path: str):
     with fsspec.open(path, "rb", compression="infer") as stream:
         line_no = 0
         try:
-            for line_no, line in enumerate(stream, 1):  # noqa: B007 - line_no is read after the loop
+            for line_no, line in enumerate(stream, 1):
                 yield line_no, line
         except (EOFError, OSError, zlib.error) as e:
             raise DataError(f"{path}: unreadable after line {line_no} ({type(e).__name__}: {e})") from None
@@ -150,13 +149,13 @@ class Tokenize:
         from cpo_ray.formats import detect_format, normalize
 
         if raw is None:
-            raise RowError("bad_encoding", "line is not valid UTF-8")
+            raise RowError(Reject.BAD_ENCODING, "line is not valid UTF-8")
         try:
             rec = json.loads(raw)
         except (ValueError, RecursionError) as e:  # JSONDecodeError, ints over 4300 digits, deep nesting
-            raise RowError("malformed_json", f"not valid JSON: {str(e)[:120]}") from None
+            raise RowError(Reject.MALFORMED_JSON, f"not valid JSON: {str(e)[:120]}") from None
         if not isinstance(rec, dict):
-            raise RowError("not_an_object", f"a record must be a JSON object, got {type(rec).__name__}")
+            raise RowError(Reject.NOT_AN_OBJECT, f"a record must be a JSON object, got {type(rec).__name__}")
         cols = self.cfg.columns or None
         fmt = detect_format(rec, cols) if self.cfg.format == "auto" else self.cfg.format
         triple = normalize(rec, fmt, self.tok, cols)
@@ -166,7 +165,7 @@ class Tokenize:
             except UnicodeEncodeError as e:
                 field = (cols or {}).get(name, name)
                 msg = f"{name} text has a lone surrogate \\u{ord(text[e.start]):04x} at char {e.start}"
-                raise RowError("bad_encoding", msg, field) from None
+                raise RowError(Reject.BAD_ENCODING, msg, field) from None
         return triple
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -177,8 +176,8 @@ class Tokenize:
                 triples.append((i, *self._record(raw)))
             except RowError as e:
                 errors[i] = e
-            except Exception as e:  # noqa: BLE001 - a record must never crash the pipeline uncounted
-                errors[i] = RowError("bad_record", f"{type(e).__name__}: {str(e)[:200]}")
+            except Exception as e:
+                errors[i] = RowError(Reject.BAD_RECORD, f"{type(e).__name__}: {str(e)[:200]}")
         rows: list = [None] * n
         if triples:
             idx, p, c, r = zip(*triples, strict=True)
@@ -188,12 +187,10 @@ class Tokenize:
         empty: list[int] = []
         return pa.table(
             {
-                "prompt_ids": [r["prompt_ids"] if r else empty for r in rows],
-                "chosen_ids": [r["chosen_ids"] if r else empty for r in rows],
-                "rejected_ids": [r["rejected_ids"] if r else empty for r in rows],
-                "truncated": [bool(r and r["truncated"]) for r in rows],
-                "source": list(batch["source"]),
-                "reason": [e.reason if e else None for e in errors],
+                **{c: [r[c] if r else empty for r in rows] for c in PAIR_COLUMNS},
+                TRUNCATED: [bool(r and r[TRUNCATED]) for r in rows],
+                SOURCE: list(batch["source"]),
+                "reason": [e.reason.value if e else None for e in errors],
                 "message": [(f"{e.field}: {e}" if e.field else str(e)) if e else None for e in errors],
             },
             schema=OUT_SCHEMA,
@@ -248,7 +245,7 @@ class _SplitWriter:
         self.read = self.truncated = 0
         self.reasons: Counter = Counter()
         self.examples: dict[str, list[str]] = defaultdict(list)
-        self.lens: dict[str, list[int]] = {c: [] for c in KEPT_COLUMNS[:3]}
+        self.lens: dict[str, list[int]] = {c: [] for c in PAIR_COLUMNS}
 
     def add(self, table: pa.Table) -> None:
         import pyarrow.compute as pc
@@ -256,12 +253,12 @@ class _SplitWriter:
 
         self.read += table.num_rows
         rejected = table.filter(pc.is_valid(table.column("reason")))
-        for r, src, msg in zip(*(rejected.column(c).to_pylist() for c in ("reason", "source", "message")), strict=True):
+        for r, src, msg in zip(*(rejected.column(c).to_pylist() for c in ("reason", SOURCE, "message")), strict=True):
             self.reasons[r] += 1
             if len(self.examples[r]) < MAX_EXAMPLES:
                 self.examples[r].append(f"{src}: {msg}")
-        kept = table.filter(pc.is_null(table.column("reason"))).select(KEPT_COLUMNS)
-        self.truncated += int(pc.sum(kept.column("truncated")).as_py() or 0)
+        kept = table.filter(pc.is_null(table.column("reason"))).select(list(KEPT_COLUMNS))
+        self.truncated += int(pc.sum(kept.column(TRUNCATED)).as_py() or 0)
         for c in self.lens:
             self.lens[c] += pc.list_value_length(kept.column(c)).to_pylist()
         while kept.num_rows:
@@ -302,7 +299,7 @@ def _root_message(err: BaseException) -> str:
 
 
 def prepare(cfg: Config, model_path: str) -> dict:
-    """Tokenize train (and held-out) shards to Parquet under cfg.data_dir; returns the report.
+    """Tokenize train (and held-out) shards to Parquet under the run's data dir; returns the report.
 
     One pass: Ray Data tokenizes in parallel actors while the driver streams kept rows to Parquet
     and counts rejects, so memory stays bounded by a few batches whatever the data size.
@@ -312,31 +309,31 @@ def prepare(cfg: Config, model_path: str) -> dict:
 
     from cpo_ray.synthetic import write_task
 
-    data_dir = Path(cfg.data_dir)
+    paths = RunPaths.of(cfg)
     train_files, eval_files = list(cfg.data.train_files), list(cfg.data.eval_files)
     if cfg.data.synthetic is not None:
         s = cfg.data.synthetic
-        tr, ev = write_task(data_dir / "raw", **s.model_dump())
+        tr, ev = write_task(paths.raw_dir, **s.model_dump())
         train_files, eval_files = [tr], [ev]
     if not train_files:
         raise DataError("no training data: set data.train_files or data.synthetic")
-    inputs = {"train": expand_files(train_files)}
+    inputs = {TRAIN: expand_files(train_files)}
     if eval_files:
-        inputs["eval"] = expand_files(eval_files)
+        inputs[EVAL] = expand_files(eval_files)
     carve = not eval_files and cfg.data.eval_split > 0  # hold out rows of the train files by hash
     report: dict = {"model": model_path, "max_length": cfg.data.max_length, "splits": {}}
     for split, files in inputs.items():
-        writers = {split: _SplitWriter(data_dir / split, cfg.data.rows_per_file)}
+        writers = {split: _SplitWriter(paths.split_dir(split), cfg.data.rows_per_file)}
         if carve:
-            writers["eval"] = _SplitWriter(data_dir / "eval", cfg.data.rows_per_file)
+            writers[EVAL] = _SplitWriter(paths.split_dir(EVAL), cfg.data.rows_per_file)
         try:
             for batch in tokenized_dataset(files, cfg, model_path).iter_batches(
                 batch_format="pyarrow", batch_size=None
             ):
                 batch = batch.cast(OUT_SCHEMA)
                 if carve:
-                    held = pa.array([_held_out(x, cfg.data.eval_split) for x in batch.column("source").to_pylist()])
-                    writers["eval"].add(batch.filter(held))
+                    held = pa.array([_held_out(x, cfg.data.eval_split) for x in batch.column(SOURCE).to_pylist()])
+                    writers[EVAL].add(batch.filter(held))
                     batch = batch.filter(pc.invert(held))
                 writers[split].add(batch)
         except ray.exceptions.RayTaskError as e:
@@ -347,8 +344,8 @@ def prepare(cfg: Config, model_path: str) -> dict:
     total_rej = sum(r["rows_rejected"] for r in report["splits"].values())
     report.update(rows_read=total_read, rows_kept=total_read - total_rej, rows_rejected=total_rej)
     report["rejected_share"] = total_rej / total_read if total_read else 0.0
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "prepare_report.json").write_text(json.dumps(report, indent=2))
+    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    paths.prepare_report.write_text(json.dumps(report, indent=2))
     if report["rejected_share"] > cfg.data.max_reject_fraction:
         reasons: Counter = Counter()
         for r in report["splits"].values():
@@ -356,16 +353,22 @@ def prepare(cfg: Config, model_path: str) -> dict:
         raise DataError(
             f"{total_rej}/{total_read} rows rejected ({report['rejected_share']:.1%} > "
             f"data.max_reject_fraction={cfg.data.max_reject_fraction:.1%}): {dict(reasons)}; "
-            f"examples in {data_dir / 'prepare_report.json'}"
+            f"examples in {paths.prepare_report}"
         )
     return report
 
 
-def train_stream(data_dir: str, split: str = "train"):
+def count_rows(split_dir: Path) -> int:
+    """Rows of a tokenized split, from the Parquet footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(Path(split_dir).glob("*.parquet")))
+
+
+def train_stream(split_dir: Path):
     """The lazy Ray Dataset of tokenized pairs that TorchTrainer splits across workers."""
     import ray
 
-    path = Path(data_dir) / split
-    if not any(path.glob("*.parquet")):
-        raise DataError(f"no tokenized {split} data in {path}: run `cpo-ray prepare` first")
-    return ray.data.read_parquet(str(path), columns=KEPT_COLUMNS[:3])
+    if not any(Path(split_dir).glob("*.parquet")):
+        raise DataError(f"no tokenized data in {split_dir}: run `cpo-ray prepare` first")
+    return ray.data.read_parquet(str(split_dir), columns=list(PAIR_COLUMNS))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cpo_ray.config import EMBEDDED_MODEL, ModelConfig, TinyModelConfig
+from cpo_ray.config import TinyModelConfig
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # Plain-text role markers: every byte is a token already, so no special tokens are needed.
@@ -79,12 +79,3 @@ def build_embedded_model(out_dir: str | Path, tiny: TinyModelConfig | None = Non
     tok.save_pretrained(out)
     stamp.write_text(json.dumps(tiny.model_dump()))
     return out
-
-
-def resolve_model_path(model: ModelConfig, cache_dir: str | Path) -> str:
-    """The folder or hub id to load: builds the embedded model under cache_dir when asked for it."""
-    if model.name_or_path == EMBEDDED_MODEL:
-        return str(build_embedded_model(Path(cache_dir) / "embedded-tiny", model.tiny).resolve())
-    local = Path(model.name_or_path).expanduser()
-    # Workers and replicas run in other directories: a local folder travels as an absolute path.
-    return str(local.resolve()) if local.exists() else model.name_or_path

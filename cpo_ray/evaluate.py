@@ -3,10 +3,12 @@
     pairs = load_tokenized_pairs("runs/tiny/data/eval", max_pairs=500)
     result = evaluate_models("http://127.0.0.1:8000/v1", ["base", "tuned"], pairs, cfg.eval, "runs/tiny/eval")
 
-Each response is scored by the sum of its tokens' log-probs given the prompt: one /v1/completions call
-per PAIRS_PER_REQUEST pairs sends each prompt+chosen and prompt+rejected as a token-id list with
-`prompt_logprobs=0` (vLLM), falling back to `echo=True, logprobs=0`; cfg.concurrency calls in flight. Writes eval.json, eval.md, pairs_<model>.jsonl, margins.png
-and (with generate_samples) samples.md into out_dir; see cpo_ray.report_eval.
+Each response is scored by the sum of its tokens' log-probs given the prompt: one /v1/completions call per
+cfg.pairs_per_request pairs sends each prompt+chosen and prompt+rejected as a token-id list with
+`prompt_logprobs=0` (vLLM), falling back to `echo=True, logprobs=0`; cfg.concurrency calls in flight, each
+retried by the openai client (cfg.retries: connection errors, 408/409/429, 5xx; exponential backoff that
+honours Retry-After). Writes eval.json, eval.md, pairs_<model>.jsonl, margins.png and (with
+generate_samples) samples.md into out_dir; see cpo_ray.report_eval.
 """
 
 from __future__ import annotations
@@ -14,18 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import statistics
 import time
-from functools import partial
 from pathlib import Path
 
 from cpo_ray.config import EvalConfig
-
-COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-# Pairs per /v1/completions call (2 prompts each): fewer HTTP + Ray Serve hops per pair, which is
-# what a small model's scoring time is mostly made of; see bench/eval_throughput.py.
-PAIRS_PER_REQUEST = 8
+from cpo_ray.contract import API_KEY_ENV, CHOSEN_IDS, EVAL_JSON, PAIR_COLUMNS, PROMPT_IDS, REJECTED_IDS, pairs_file
 
 
 class LogprobsUnavailable(RuntimeError):
@@ -43,10 +39,10 @@ def load_tokenized_pairs(path: str | Path, max_pairs: int | None = None) -> list
     rows: list[dict] = []
     for f in files:
         schema = pq.read_schema(f)
-        missing = [c for c in COLUMNS if c not in schema.names]
+        missing = [c for c in PAIR_COLUMNS if c not in schema.names]
         if missing:
-            raise ValueError(f"{f}: missing column(s) {missing}; expected tokenized pairs with {list(COLUMNS)}")
-        rows += pq.read_table(f, columns=list(COLUMNS)).to_pylist()
+            raise ValueError(f"{f}: missing column(s) {missing}; expected tokenized pairs with {list(PAIR_COLUMNS)}")
+        rows += pq.read_table(f, columns=list(PAIR_COLUMNS)).to_pylist()
         if max_pairs is not None and len(rows) >= max_pairs:
             return rows[:max_pairs]
     return rows
@@ -78,7 +74,7 @@ def sum_echo_logprobs(token_logprobs: list, n_tokens: int, start: int) -> float:
 
 
 def pair_row(index: int, pair: dict, logp_chosen: float, logp_rejected: float) -> dict:
-    n_c, n_r = len(pair["chosen_ids"]), len(pair["rejected_ids"])
+    n_c, n_r = len(pair[CHOSEN_IDS]), len(pair[REJECTED_IDS])
     mean_c, mean_r = logp_chosen / n_c, logp_rejected / n_r
     margin = logp_chosen - logp_rejected
     return {
@@ -114,24 +110,17 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def is_transient(err: Exception) -> bool:
-    """Worth retrying: no connection, timeout, rate limit, or a 5xx from the server."""
-    import openai
+def make_client(endpoint: str, api_key: str | None, cfg: EvalConfig, http_client=None):
+    """AsyncOpenAI for the endpoint; the client retries transient failures itself (cfg.retries)."""
+    from openai import AsyncOpenAI
 
-    if isinstance(err, openai.APIConnectionError | openai.APITimeoutError):  # timeout subclasses connection
-        return True
-    return isinstance(err, openai.APIStatusError) and (err.status_code == 429 or err.status_code >= 500)
-
-
-async def with_retries(call, retries: int, base_delay: float = 0.5, max_delay: float = 8.0):
-    """await call() and retry transient errors with exponential backoff plus jitter; others raise at once."""
-    for attempt in range(retries + 1):
-        try:
-            return await call()
-        except Exception as e:
-            if attempt == retries or not is_transient(e):
-                raise
-            await asyncio.sleep(min(max_delay, base_delay * 2**attempt) * (0.5 + random.random()))
+    return AsyncOpenAI(
+        base_url=endpoint,
+        api_key=api_key or "none",
+        timeout=cfg.timeout_s,
+        max_retries=cfg.retries,
+        http_client=http_client,
+    )
 
 
 class EndpointScorer:
@@ -147,9 +136,8 @@ class EndpointScorer:
             kw = {"max_tokens": 1, "extra_body": {"prompt_logprobs": 0}}
         else:
             kw = {"max_tokens": 0, "echo": True, "logprobs": 0}
-        call = partial(self.client.completions.create, model=self.model, prompt=prompts, temperature=0.0, **kw)
         async with self.gate:
-            resp = await with_retries(call, self.cfg.retries)
+            resp = await self.client.completions.create(model=self.model, prompt=prompts, temperature=0.0, **kw)
         return sorted(resp.model_dump()["choices"], key=lambda c: c["index"])
 
     def _sums(self, choices: list[dict], seqs: list[list[int]], starts: list[int], mode: str) -> list[float] | None:
@@ -188,8 +176,8 @@ class EndpointScorer:
 
         seqs, starts = [], []
         for pair in pairs:
-            prompt = list(pair["prompt_ids"])
-            seqs += [prompt + list(pair["chosen_ids"]), prompt + list(pair["rejected_ids"])]
+            prompt = list(pair[PROMPT_IDS])
+            seqs += [prompt + list(pair[CHOSEN_IDS]), prompt + list(pair[REJECTED_IDS])]
             starts += [len(prompt)] * 2
         if self.mode is None:
             sums = await self._probe(seqs, starts)
@@ -216,30 +204,27 @@ async def _score_model(client, model, pairs, cfg: EvalConfig, per_request: int) 
 
 
 async def _generate(client, model: str, prompt_ids: list[int], cfg: EvalConfig) -> str:
-    call = partial(
-        client.completions.create, model=model, prompt=list(prompt_ids), max_tokens=cfg.max_new_tokens, temperature=0.0
+    out = await client.completions.create(
+        model=model, prompt=list(prompt_ids), max_tokens=cfg.max_new_tokens, temperature=0.0
     )
-    return (await with_retries(call, cfg.retries)).choices[0].text
+    return out.choices[0].text
 
 
-async def _run(endpoint, model_ids, pairs, cfg, api_key, tokenizer, per_request) -> dict:
-    from openai import AsyncOpenAI
-
-    # Retries are ours (with_retries) so they are visible and bounded by cfg.retries.
-    client = AsyncOpenAI(base_url=endpoint, api_key=api_key or "none", timeout=cfg.timeout_s, max_retries=0)
+async def _run(endpoint, model_ids, pairs, cfg: EvalConfig, api_key, tokenizer) -> dict:
+    client = make_client(endpoint, api_key, cfg)
     result = {"endpoint": endpoint, "baseline": model_ids[0], "n_pairs": len(pairs), "models": {}, "rows": {}}
     async with client:
         for model in model_ids:
             t0 = time.perf_counter()
-            rows, mode = await _score_model(client, model, pairs, cfg, per_request)
+            rows, mode = await _score_model(client, model, pairs, cfg, cfg.pairs_per_request)
             elapsed = time.perf_counter() - t0
             summary = summarize(rows) | {"elapsed_s": elapsed, "pairs_per_s": len(rows) / elapsed, "scoring": mode}
             result["models"][model], result["rows"][model] = summary, rows
         samples = []
         decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer else str
         for pair in pairs[: cfg.generate_samples]:
-            texts = await asyncio.gather(*(_generate(client, m, pair["prompt_ids"], cfg) for m in model_ids))
-            sample = {"prompt": decode(pair["prompt_ids"]), "chosen": decode(pair["chosen_ids"])}
+            texts = await asyncio.gather(*(_generate(client, m, pair[PROMPT_IDS], cfg) for m in model_ids))
+            sample = {"prompt": decode(pair[PROMPT_IDS]), "chosen": decode(pair[CHOSEN_IDS])}
             samples.append(sample | {"outputs": dict(zip(model_ids, texts, strict=True))})
         result["samples"] = samples
     return result
@@ -253,7 +238,6 @@ def evaluate_models(
     out_dir: str | Path,
     api_key: str | None = None,
     tokenizer_path: str | None = None,
-    pairs_per_request: int = PAIRS_PER_REQUEST,
 ) -> dict:
     """Score every pair with every model (first = baseline), write the report files, return eval.json's dict."""
     from cpo_ray import report_eval
@@ -265,14 +249,14 @@ def evaluate_models(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    api_key = api_key or os.environ.get("CPO_RAY_API_KEY")
+    api_key = api_key or os.environ.get(API_KEY_ENV)
     pairs = pairs[: cfg.max_pairs] if cfg.max_pairs else pairs
     t0 = time.perf_counter()
-    result = asyncio.run(_run(endpoint.rstrip("/"), list(model_ids), pairs, cfg, api_key, tokenizer, pairs_per_request))
+    result = asyncio.run(_run(endpoint.rstrip("/"), list(model_ids), pairs, cfg, api_key, tokenizer))
     rows = result.pop("rows")
     scoring_s = sum(m["elapsed_s"] for m in result["models"].values())
     result |= {
-        "pairs_per_request": pairs_per_request,
+        "pairs_per_request": cfg.pairs_per_request,
         "elapsed_s": time.perf_counter() - t0,
         "scoring_s": scoring_s,
         "pairs_per_s": len(pairs) * len(rows) / scoring_s,
@@ -280,8 +264,8 @@ def evaluate_models(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for model, model_rows in rows.items():
-        (out / report_eval.pairs_file(model)).write_text("".join(json.dumps(r) + "\n" for r in model_rows))
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+        (out / pairs_file(model)).write_text("".join(json.dumps(r) + "\n" for r in model_rows))
+    (out / EVAL_JSON).write_text(json.dumps(result, indent=2))
     report_eval.write_report(result, rows, out)
     print(report_eval.markdown_table(result), flush=True)
     return result

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+from cpo_ray.contract import Reject
 from cpo_ray.tokenize import RowError
 
 FORMATS = ("explicit", "conversational", "implicit", "sharegpt")
@@ -36,13 +37,13 @@ def _get(record: dict, target: str, names: dict[str, str]):
     src = names[target]
     if src not in record:
         mapped = f" (mapped from {target!r})" if src != target else ""
-        raise RowError("missing_field", f"record has no field {src!r}{mapped}", src)
+        raise RowError(Reject.MISSING_FIELD, f"record has no field {src!r}{mapped}", src)
     return record[src]
 
 
 def _string(value, field: str) -> str:
     if not isinstance(value, str):
-        raise RowError("not_string", f"{field!r} must be a string, got {type(value).__name__}", field)
+        raise RowError(Reject.NOT_STRING, f"{field!r} must be a string, got {type(value).__name__}", field)
     return value
 
 
@@ -51,9 +52,9 @@ def _is_messages(value, key: str) -> bool:
 
 
 def detect_format(record: dict, columns: dict[str, str] | None = None) -> str:
-    """The format of one record by the shape of its fields; RowError("unknown_format") if none fits."""
+    """The format of one record by the shape of its fields; RowError(Reject.UNKNOWN_FORMAT) if none fits."""
     if not isinstance(record, dict):
-        raise RowError("unknown_format", f"record is a {type(record).__name__}, not a mapping")
+        raise RowError(Reject.UNKNOWN_FORMAT, f"record is a {type(record).__name__}, not a mapping")
     names = _names(columns)
     chosen, rejected = record.get(names["chosen"]), record.get(names["rejected"])
     if names["conversations"] in record and all(
@@ -71,31 +72,33 @@ def detect_format(record: dict, columns: dict[str, str] | None = None) -> str:
     missing = [names[k] for k in ("chosen", "rejected") if names[k] not in record]
     if missing:
         raise RowError(
-            "missing_field", f"no {' or '.join(map(repr, missing))} field (fields: {sorted(record)[:10]})", missing[0]
+            Reject.MISSING_FIELD,
+            f"no {' or '.join(map(repr, missing))} field (fields: {sorted(record)[:10]})",
+            missing[0],
         )
-    raise RowError("unknown_format", f"no known preference format fits fields {sorted(record)}", names["chosen"])
+    raise RowError(Reject.UNKNOWN_FORMAT, f"no known preference format fits fields {sorted(record)}", names["chosen"])
 
 
 def _messages(value, field: str) -> list[dict]:
     """Validated copy keeping only role/content, so extra keys never change the rendered text."""
     if not isinstance(value, list):
-        raise RowError("bad_messages", f"{field!r} must be a list of messages, got {type(value).__name__}", field)
+        raise RowError(Reject.BAD_MESSAGES, f"{field!r} must be a list of messages, got {type(value).__name__}", field)
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise RowError("bad_messages", f"{field}[{i}] is not a {{role: str, content: str}} message", field)
+            raise RowError(Reject.BAD_MESSAGES, f"{field}[{i}] is not a {{role: str, content: str}} message", field)
         if m["role"] not in ROLES:
-            raise RowError("bad_messages", f"{field}[{i}] has unknown role {m['role']!r}", field)
+            raise RowError(Reject.BAD_MESSAGES, f"{field}[{i}] has unknown role {m['role']!r}", field)
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
 
 def _check_response(msgs: list[dict], field: str) -> None:
     if not msgs or all(not m["content"].strip() for m in msgs):
-        raise RowError("empty_response", f"{field!r} has no text", field)
+        raise RowError(Reject.EMPTY_RESPONSE, f"{field!r} has no text", field)
     if msgs[0]["role"] != "assistant":
         raise RowError(
-            "bad_messages", f"{field!r} must start with an assistant message, not {msgs[0]['role']!r}", field
+            Reject.BAD_MESSAGES, f"{field!r} must start with an assistant message, not {msgs[0]['role']!r}", field
         )
 
 
@@ -105,22 +108,24 @@ def _split_messages(chosen: list[dict], rejected: list[dict], names: dict[str, s
     d = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), None)
     if d is None:
         if len(chosen) == len(rejected):
-            raise RowError("identical_responses", "chosen and rejected are the same messages", names["rejected"])
+            raise RowError(Reject.IDENTICAL_RESPONSES, "chosen and rejected are the same messages", names["rejected"])
         d = min(len(chosen), len(rejected))
     for i in range(d, -1, -1):
         starts = [side[i]["role"] if i < len(side) else None for side in (chosen, rejected)]
         if starts == ["assistant", "assistant"]:
             if i == 0:
-                raise RowError("empty_prompt", "no messages precede the first assistant turn", names["chosen"])
+                raise RowError(Reject.EMPTY_PROMPT, "no messages precede the first assistant turn", names["chosen"])
             return chosen[:i], chosen[i:], rejected[i:]
-    raise RowError("unparseable_dialogue", "no assistant turn at or before where the sides differ", names["chosen"])
+    raise RowError(
+        Reject.UNPARSEABLE_DIALOGUE, "no assistant turn at or before where the sides differ", names["chosen"]
+    )
 
 
 def _render(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict], names: dict, prompt_field: str):
     """Template prompt (with generation prompt) and prompt+response; the response is the full text minus
     the prompt text, so prompt + response is exactly what the template renders for the whole dialogue."""
     if not prompt:
-        raise RowError("empty_prompt", f"{prompt_field!r} has no messages", prompt_field)
+        raise RowError(Reject.EMPTY_PROMPT, f"{prompt_field!r} has no messages", prompt_field)
     _check_response(chosen, names["chosen"])
     _check_response(rejected, names["rejected"])
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -129,7 +134,7 @@ def _render(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[di
         full = tokenizer.apply_chat_template(prompt + msgs, tokenize=False)
         if not full.startswith(prompt_text):
             msg = f"chat template renders prompt+{target} without the prompt's text as its start"
-            raise RowError("bad_messages", msg, names[target])
+            raise RowError(Reject.BAD_MESSAGES, msg, names[target])
         out.append(full[len(prompt_text) :])
     return tuple(out)
 
@@ -148,13 +153,13 @@ def _conversational(record: dict, tokenizer, names: dict[str, str]):
 def _sharegpt_messages(value, field: str) -> list[dict]:
     items = [value] if isinstance(value, dict) else value
     if not isinstance(items, list):
-        raise RowError("bad_messages", f"{field!r} must be a {{from, value}} message or a list of them", field)
+        raise RowError(Reject.BAD_MESSAGES, f"{field!r} must be a {{from, value}} message or a list of them", field)
     out = []
     for i, m in enumerate(items):
         if not isinstance(m, dict) or not isinstance(m.get("from"), str) or not isinstance(m.get("value"), str):
-            raise RowError("bad_messages", f"{field}[{i}] is not a {{from: str, value: str}} message", field)
+            raise RowError(Reject.BAD_MESSAGES, f"{field}[{i}] is not a {{from: str, value: str}} message", field)
         if m["from"] not in SHAREGPT_ROLES:
-            raise RowError("bad_messages", f"{field}[{i}] has unknown speaker {m['from']!r}", field)
+            raise RowError(Reject.BAD_MESSAGES, f"{field}[{i}] has unknown speaker {m['from']!r}", field)
         out.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
     return out
 
@@ -171,15 +176,15 @@ def _implicit_text(chosen: str, rejected: str, names: dict[str, str]):
     difference inside the marker, or one side ending early, falls back to the turn before; the remainders
     keep their leading space, and prompt + response reproduces each side exactly."""
     if chosen == rejected:
-        raise RowError("identical_responses", "chosen and rejected dialogues are identical", names["rejected"])
+        raise RowError(Reject.IDENTICAL_RESPONSES, "chosen and rejected dialogues are identical", names["rejected"])
     shared = os.path.commonprefix([chosen, rejected])
     cut = shared.rfind(HH_ASSISTANT)
     if cut < 0:
         msg = 'no "\\n\\nAssistant:" turn precedes where chosen and rejected differ'
-        raise RowError("unparseable_dialogue", msg, names["chosen"])
+        raise RowError(Reject.UNPARSEABLE_DIALOGUE, msg, names["chosen"])
     end = cut + len(HH_ASSISTANT)
     if not chosen[:cut].strip():
-        raise RowError("empty_prompt", "nothing precedes the first assistant turn", names["chosen"])
+        raise RowError(Reject.EMPTY_PROMPT, "nothing precedes the first assistant turn", names["chosen"])
     return chosen[:end], chosen[end:], rejected[end:]
 
 
@@ -204,12 +209,12 @@ def normalize(record: dict, fmt: str, tokenizer, columns: dict[str, str] | None 
         if fmt == "explicit":
             prompt = _string(_get(record, "prompt", names), names["prompt"])
             if not prompt.strip():
-                raise RowError("empty_prompt", f"{names['prompt']!r} is empty", names["prompt"])
+                raise RowError(Reject.EMPTY_PROMPT, f"{names['prompt']!r} is empty", names["prompt"])
         else:
             prompt, chosen, rejected = _implicit_text(chosen, rejected, names)
     for target, text in (("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
-            raise RowError("empty_response", f"{names[target]!r} is empty or whitespace", names[target])
+            raise RowError(Reject.EMPTY_RESPONSE, f"{names[target]!r} is empty or whitespace", names[target])
     if chosen == rejected:
-        raise RowError("identical_responses", "chosen and rejected are the same text", names["rejected"])
+        raise RowError(Reject.IDENTICAL_RESPONSES, "chosen and rejected are the same text", names["rejected"])
     return prompt, chosen, rejected

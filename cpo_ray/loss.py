@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cpo_ray.contract import METRIC_KEYS
+
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 
 
@@ -130,15 +132,16 @@ def cpo_objective(
     else:
         nll = nll_from_token_logps(chosen_logp_sum, chosen_len)
     loss = losses.mean() + cpo_alpha * nll
-    metrics = {
-        "loss": loss.detach(),
-        "nll_loss": nll.detach(),
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        # As TRL: the log-probs fed to the loss, so length-averaged for ipo/simpo/alphapo, summed otherwise.
-        "logps/chosen": chosen_logps.detach().mean(),
-        "logps/rejected": rejected_logps.detach().mean(),
-    }
-    return loss, metrics
+    # contract.METRIC_KEYS order: loss, nll_loss, rewards/{chosen, rejected, accuracies, margins},
+    # logps/{chosen, rejected}; logps as TRL logs them: the ones fed to the loss (averaged for ipo/simpo/alphapo).
+    values = (
+        loss.detach(),
+        nll.detach(),
+        chosen_rewards.mean(),
+        rejected_rewards.mean(),
+        (chosen_rewards > rejected_rewards).float().mean(),
+        (chosen_rewards - rejected_rewards).mean(),
+        chosen_logps.detach().mean(),
+        rejected_logps.detach().mean(),
+    )
+    return loss, dict(zip(METRIC_KEYS, values, strict=True))

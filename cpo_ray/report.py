@@ -1,9 +1,10 @@
 """The run report: training curves, held-out eval through the endpoint (base vs tuned), samples.
 
-    write_report(run_dir) -> run_dir/report.html (self-contained: PNGs inlined) + run_dir/report/*.png
+    write_report(cfg) -> <output_dir>/report.html (self-contained: PNGs inlined) + <output_dir>/report/*.png
 
-Reads what the stages left in the run folder: metrics.jsonl (train), eval/eval.json, eval/eval.md,
-eval/margins.png and eval/samples.md (evaluate), data/prepare_report.json (prepare), timings.json.
+Reads what the stages left where cpo_ray.contract.RunPaths puts it (data.output_dir and eval.output_dir
+included): metrics.jsonl (train), eval.json, eval.md, margins.png and samples.md (evaluate),
+prepare_report.json (prepare), timings.json.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import base64
 import html
 import json
 from pathlib import Path
+
+from cpo_ray.contract import RunPaths
 
 CURVES = [
     ("loss", "loss (CPO + cpo_alpha * NLL)"),
@@ -78,19 +81,15 @@ def _md_table_to_html(md: str) -> str:
     return f"<table><tr>{th}</tr>{trs}</table>"
 
 
-def write_report(run_dir: str | Path) -> Path:
-    run = Path(run_dir)
-    rows = read_metrics(run / "metrics.jsonl")
-    curves = plot_curves(rows, run / "report" / "training_curves.png")
-    eval_dir = run / "eval"
-    eval_md = (eval_dir / "eval.md").read_text() if (eval_dir / "eval.md").exists() else ""
-    samples = (eval_dir / "samples.md").read_text() if (eval_dir / "samples.md").exists() else ""
-    prep = (
-        json.loads((run / "data" / "prepare_report.json").read_text())
-        if (run / "data" / "prepare_report.json").exists()
-        else {}
-    )
-    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+def write_report(cfg) -> Path:
+    paths = RunPaths.of(cfg)
+    run = paths.output_dir
+    rows = read_metrics(paths.metrics)
+    curves = plot_curves(rows, paths.report_assets / "training_curves.png")
+    eval_md = paths.eval_md.read_text() if paths.eval_md.exists() else ""
+    samples = paths.samples_md.read_text() if paths.samples_md.exists() else ""
+    prep = json.loads(paths.prepare_report.read_text()) if paths.prepare_report.exists() else {}
+    timings = json.loads(paths.timings.read_text()) if paths.timings.exists() else {}
     final = next((r for r in reversed(rows) if "eval/accuracy" in r), {})
     parts = [
         "<!doctype html><meta charset='utf-8'><title>cpo-ray report</title>",
@@ -100,7 +99,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"<h1>cpo-ray run: {html.escape(run.name)}</h1>",
         "<h2>Held-out pairs scored through the endpoint</h2>",
         _md_table_to_html(eval_md) if eval_md else "<p>(no eval yet)</p>",
-        _img(eval_dir / "margins.png"),
+        _img(paths.margins_png),
         "<h2>Training</h2>",
         f"<p>{len([r for r in rows if 'loss' in r and not r.get('final')])} steps logged; last in-training held-out accuracy "
         f"{final.get('eval/accuracy', float('nan')):.3f}, margin {final.get('eval/margin', float('nan')):.3f}.</p>",
@@ -110,12 +109,12 @@ def write_report(run_dir: str | Path) -> Path:
         parts += [
             "<h2>Data</h2>",
             f"<p>{prep.get('rows_read')} rows read, {prep.get('rows_kept')} kept, {prep.get('rows_rejected')} rejected.</p>",
-            f"<pre>{html.escape(json.dumps({k: {kk: v[kk] for kk in ('rows_read', 'rows_kept', 'rejected_by_reason', 'truncated', 'tokens')} for k, v in prep.get('splits', {}).items()}, indent=1))}</pre>",  # noqa: E501
+            f"<pre>{html.escape(json.dumps({k: {kk: v[kk] for kk in ('rows_read', 'rows_kept', 'rejected_by_reason', 'truncated', 'tokens')} for k, v in prep.get('splits', {}).items()}, indent=1))}</pre>",
         ]
     if samples:
         parts += ["<h2>Sample generations</h2>", f"<pre>{html.escape(samples)}</pre>"]
     if timings:
         parts += ["<h2>Stage wall times (s)</h2>", f"<pre>{html.escape(json.dumps(timings, indent=1))}</pre>"]
-    out = run / "report.html"
+    out = paths.report_html
     out.write_text("\n".join(parts))
     return out

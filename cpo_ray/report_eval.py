@@ -8,13 +8,9 @@ Called by cpo_ray.evaluate.evaluate_models; also usable to re-render from eval.j
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-
-def pairs_file(model: str) -> str:
-    """pairs_<model>.jsonl with a filesystem-safe model id (ids may contain '/' or ':')."""
-    return f"pairs_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}.jsonl"
+from cpo_ray.contract import EVAL_MD, MARGINS_PNG, SAMPLES_MD
 
 
 def _fmt(x, pct: bool = False) -> str:
@@ -75,7 +71,7 @@ def samples_markdown(samples: list[dict]) -> str:
 def write_report(result: dict, rows_by_model: dict[str, list[dict]], out_dir: str | Path) -> None:
     out = Path(out_dir)
     header = f"# Held-out preference evaluation\n\nendpoint: `{result['endpoint']}`, pairs: {result['n_pairs']}\n\n"
-    (out / "eval.md").write_text(header + markdown_table(result) + "\n")
-    plot_margins(rows_by_model, out / "margins.png")
+    (out / EVAL_MD).write_text(header + markdown_table(result) + "\n")
+    plot_margins(rows_by_model, out / MARGINS_PNG)
     if result.get("samples"):
-        (out / "samples.md").write_text(samples_markdown(result["samples"]))
+        (out / SAMPLES_MD).write_text(samples_markdown(result["samples"]))

@@ -19,10 +19,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cpo_ray.config import ServeConfig
+from cpo_ray.config import Config, ServeConfig
+from cpo_ray.contract import API_KEY_ENV, FINAL_MARKER, RunPaths
 
 APP_NAME = "cpo-ray"
-API_KEY_ENV = "CPO_RAY_API_KEY"
 # Small CPU shares so two models + a 0-CPU ingress schedule on a 2-CPU Ray next to other work; the
 # engine's threads are not limited by these numbers, they only reserve scheduling room.
 CPU_REPLICA_CPUS = 0.25
@@ -36,6 +36,19 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def served_models(cfg: Config) -> dict[str, str]:
+    """cfg.serve.models, or base (the configured model) + tuned (the run's final/) when it exists."""
+    from cpo_ray.model import resolve_model_path
+
+    if cfg.serve.models:
+        return dict(cfg.serve.models)
+    models = {"base": resolve_model_path(cfg)}
+    final = RunPaths.of(cfg).final
+    if (final / FINAL_MARKER).exists():
+        models["tuned"] = str(final.resolve())
+    return models
 
 
 def resolve_api_key(cfg: ServeConfig) -> str | None:
@@ -115,10 +128,10 @@ class BearerAuth:
 def build_llm_app(cfg: ServeConfig, models: dict[str, str], *, cache_dir: str | None = None):
     """A Serve application: one vLLM deployment per served id plus the OpenAI ingress (0 CPUs)."""
     from ray import serve
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.ingress.ingress import init as init_fastapi
     from ray.serve.llm import LLMConfig, build_llm_deployment
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+
+    from cpo_ray.compat import model_card, openai_ingress_app
 
     if not models:
         raise ValueError("serve: no models to serve (pass {served_id: model folder})")
@@ -140,7 +153,7 @@ def build_llm_app(cfg: ServeConfig, models: dict[str, str], *, cache_dir: str | 
     # Same wiring as ray.serve.llm.build_openai_app, except that we hand make_fastapi_ingress our
     # own FastAPI app (the stock one + Bearer auth): build_openai_app offers no way to add middleware,
     # and Serve 2.60 removed HTTPOptions.middlewares in favour of exactly this FastAPI route.
-    app = init_fastapi()
+    app = openai_ingress_app()
     api_key = resolve_api_key(cfg)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)  # added last = runs first, before any routing
@@ -149,7 +162,7 @@ def build_llm_app(cfg: ServeConfig, models: dict[str, str], *, cache_dir: str | 
     ingress = make_fastapi_ingress(OpenAiIngress, app=app)
     return serve.deployment(ingress, **options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
-        model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
+        model_cards={c.model_id: model_card(c.model_id, c) for c in configs},
     )
 
 

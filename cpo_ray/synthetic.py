@@ -14,6 +14,8 @@ import random
 import re
 from pathlib import Path
 
+from cpo_ray.contract import EVAL, TRAIN
+
 ONES = [
     "zero",
     "one",
@@ -35,7 +37,7 @@ ONES = [
     "seventeen",
     "eighteen",
     "nineteen",
-]  # noqa: E501
+]
 TENS = ["_", "_", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 SCALES = ["", "thousand", "million"]
 
@@ -126,7 +128,7 @@ def write_task(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, count, held in (("train", train_pairs, False), ("eval", eval_pairs, True)):
+    for name, count, held in ((TRAIN, train_pairs, False), (EVAL, eval_pairs, True)):
         rows = make_pairs(count, held_out=held, max_number=max_number, eval_fraction=eval_fraction, seed=seed)
         path = out / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -6,10 +6,10 @@ A row stores the prompt once and each response once (token ids as int32 lists):
     chosen_ids    chosen response + EOS   (the tokens that are scored)
     rejected_ids  rejected response + EOS
 
-A training sequence is prompt_ids + chosen_ids with labels = [-100] * len(prompt_ids) + chosen_ids,
-so the prompt and padding are masked and the response is scored on its REAL tokens. Prompt and
-response are tokenized separately and joined: no merged boundary token, and the scored tokens are
-exactly those a server sees when it is sent the same ids.
+A training sequence is prompt_ids + chosen_ids; only the response tokens are scored, on their REAL ids
+(cpo_ray.batch never builds a labels tensor: it gathers the response positions). Prompt and response are
+tokenized separately and joined, so the scored tokens are exactly those a server sees when it is sent the
+same ids.
 
 Truncation to max_length per sequence: the prompt loses its start first (keep the end, nearest the
 answer) down to half the budget, then the responses lose their ends; a response is never emptied, and
@@ -20,13 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cpo_ray.contract import Reject
+
 
 class RowError(ValueError):
-    """A row that cannot be used; `reason` is a short counted key, `field` the offending field."""
+    """A row that cannot be used; `reason` is a counted Reject, `field` the offending source field."""
 
-    def __init__(self, reason: str, message: str, field: str | None = None):
+    def __init__(self, reason: Reject, message: str, field: str | None = None):
         super().__init__(message)
-        self.reason = reason
+        self.reason = Reject(reason)  # an unknown reason is a bug: ValueError here, not a new silent category
         self.field = field
 
 
@@ -76,7 +78,9 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
     room = max_length - len(prompt)
     chosen, rejected = chosen[:room], rejected[:room]
     if chosen == rejected:
-        raise RowError("identical_after_truncation", f"responses differ only past max_length={max_length}", "rejected")
+        raise RowError(
+            Reject.IDENTICAL_AFTER_TRUNCATION, f"responses differ only past max_length={max_length}", "rejected"
+        )
     return prompt, chosen, rejected
 
 
@@ -90,10 +94,10 @@ def tokenize_batch(tokenizer, special: Special, prompts, chosens, rejecteds, max
         try:
             if not p:
                 raise RowError(
-                    "empty_prompt", "prompt has no tokens: the first response token would be unscored", "prompt"
+                    Reject.EMPTY_PROMPT, "prompt has no tokens: the first response token would be unscored", "prompt"
                 )
             if c == r:
-                raise RowError("identical_responses", "chosen and rejected tokenize identically", "rejected")
+                raise RowError(Reject.IDENTICAL_RESPONSES, "chosen and rejected tokenize identically", "rejected")
             full = len(p) + max(len(c), len(r))
             p, c, r = truncate_pair(p, c, r, max_length)
             rows.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "truncated": full > max_length})

@@ -5,23 +5,12 @@
 
 Stages whose artifacts exist are skipped (`--force train` redoes one, `--skip eval` leaves one out).
 Ends by printing the base-vs-tuned table and the path of <output_dir>/report.html.
+Same options, overrides, messages and exit codes as `cpo-ray pipeline`.
 """
 
-import argparse
+from cpo_ray.cli import init_ray, job
+from cpo_ray.pipeline import run_pipeline
 
-import ray
-
-from cpo_ray.config import load_config
-from cpo_ray.pipeline import STAGES, run_pipeline
-
-ap = argparse.ArgumentParser()
-ap.add_argument("--config", required=True)
-ap.add_argument("--force", action="append", default=[], choices=STAGES, help="re-run a finished stage")
-ap.add_argument("--skip", action="append", default=[], choices=STAGES, help="leave a stage out")
-ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
-args = ap.parse_args()
-
-cfg = load_config(args.config, args.overrides)
-ray.init()
-timings = run_pipeline(cfg, force=set(args.force), skip=set(args.skip))
-print(f"stage wall times (s): {timings}")
+with job("pipeline") as (cfg, args):
+    init_ray()
+    run_pipeline(cfg, force=set(args.force), skip=set(args.skip))

@@ -5,27 +5,16 @@
 
 The app stays up after the job ends (it lives on the cluster); stop it with
 `ray job submit ... -- python jobs/serve.py --config C --stop` or `cpo-ray serve --stop`.
+Same options, overrides, messages and exit codes as `cpo-ray serve --detach`.
 """
 
-import argparse
+from cpo_ray.cli import init_ray, job
+from cpo_ray.serve import served_models, start_server, stop_server
 
-import ray
-
-from cpo_ray.config import load_config
-from cpo_ray.pipeline import served_models
-from cpo_ray.serve import start_server, stop_server
-
-ap = argparse.ArgumentParser()
-ap.add_argument("--config", required=True)
-ap.add_argument("--stop", action="store_true", help="shut the Serve app down")
-ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. serve.port=8001")
-args = ap.parse_args()
-
-cfg = load_config(args.config, args.overrides)
-ray.init()
-if args.stop:
-    stop_server()
-else:
-    models = served_models(cfg)  # {"base": model, "tuned": <output_dir>/final} unless serve.models is set
-    url = start_server(cfg.serve, models, detached=True)
-    print(f"serving {sorted(models)} at {url}")
+with job("serve") as (cfg, args):
+    init_ray()  # the job's cluster: the app must outlive this driver
+    if args.stop:
+        stop_server()
+    else:
+        models = dict(m.split("=", 1) for m in args.model) if args.model else served_models(cfg)  # base + tuned
+        start_server(cfg.serve, models, detached=True)

@@ -20,6 +20,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 
 from cpo_ray.config import EMBEDDED_MODEL, load_config
+from cpo_ray.contract import RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -211,7 +212,7 @@ def test_gpu_config_trains_and_serves_a_hub_model_on_gpu(path):
     assert cfg.serve.max_model_len >= cfg.data.max_length
     assert cfg.data.train_files and cfg.data.synthetic is None
     assert cfg.output_dir.startswith(SHARED + "/"), "multi-node outputs must be on the shared mount"
-    assert cfg.storage_path.startswith((SHARED + "/", "s3://", "gs://")), cfg.storage_path
+    assert RunPaths.of(cfg).storage_path.startswith((SHARED + "/", "s3://", "gs://")), RunPaths.of(cfg).storage_path
     assert (cfg.train.beta, cfg.train.cpo_alpha) == (0.1, 1.0)  # CPO paper defaults
 
 

@@ -11,18 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from cpo_ray.config import EvalConfig
+from cpo_ray.contract import pairs_file
 from cpo_ray.evaluate import (
     EndpointScorer,
     LogprobsUnavailable,
-    is_transient,
     load_tokenized_pairs,
+    make_client,
     pair_row,
     sum_echo_logprobs,
     sum_prompt_logprobs,
     summarize,
-    with_retries,
 )
-from cpo_ray.report_eval import markdown_table, pairs_file, write_report
+from cpo_ray.report_eval import markdown_table, write_report
 
 # Shape of a real vLLM /v1/completions choice (JSON-decoded: token ids are string keys).
 PROMPT_LOGPROBS = [
@@ -102,34 +102,39 @@ def _status_error(code: int) -> openai.APIStatusError:
     return openai.APIStatusError("boom", response=httpx.Response(code, request=req), body=None)
 
 
-def test_retries_only_transient_errors():
-    req = httpx.Request("POST", "http://x/v1/completions")
-    assert is_transient(openai.APIConnectionError(request=req))
-    assert is_transient(openai.APITimeoutError(request=req))
-    assert is_transient(_status_error(503)) and is_transient(_status_error(429))
-    assert not is_transient(_status_error(400)) and not is_transient(_status_error(401))
+def test_client_retries_transient_errors_only():
+    """The openai client does the retrying: 503/429 and dropped connections are retried (Retry-After
+    honoured), a 400 is not."""
+    seen = []
+    ok = {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [], "usage": None}
 
-    calls = []
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        fast = {"retry-after-ms": "1"}
+        if len(seen) == 1:
+            return httpx.Response(503, json={"error": {"message": "busy"}}, headers=fast)
+        if len(seen) == 2:
+            return httpx.Response(429, json={"error": {"message": "slow down"}}, headers=fast)
+        if len(seen) == 3:
+            raise httpx.ConnectError("dropped", request=request)
+        if len(seen) == 4:
+            return httpx.Response(200, json=ok)
+        return httpx.Response(400, json={"error": {"message": "bad"}})
 
-    async def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise openai.APIConnectionError(request=req)
-        return "ok"
+    async def run(retries):
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        client = make_client("http://x/v1", None, EvalConfig(retries=retries, timeout_s=5), http_client=http)
+        async with client:
+            return await client.completions.create(model="m", prompt=[1, 2], max_tokens=1)
 
-    assert asyncio.run(with_retries(flaky, retries=4, base_delay=0.0)) == "ok" and len(calls) == 3
-    calls.clear()
-    with pytest.raises(openai.APIConnectionError):
-        asyncio.run(with_retries(flaky, retries=1, base_delay=0.0))
-
-    async def bad_request():
-        calls.append(1)
-        raise _status_error(404)
-
-    calls.clear()
-    with pytest.raises(openai.APIStatusError):
-        asyncio.run(with_retries(bad_request, retries=4, base_delay=0.0))
-    assert len(calls) == 1
+    assert asyncio.run(run(retries=4)).id == "c" and len(seen) == 4
+    with pytest.raises(openai.BadRequestError):
+        asyncio.run(run(retries=4))
+    assert len(seen) == 5  # a 400 is final
+    seen.clear()
+    with pytest.raises(openai.InternalServerError):
+        asyncio.run(run(retries=0))
+    assert len(seen) == 1
 
 
 class _Resp:

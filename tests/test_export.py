@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cpo_ray.config import load_config
-from cpo_ray.train import build_model, export_model
+from cpo_ray.model import build_model, export_model
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,7 @@ def test_driver_kill_then_rerun_resumes(tmp_path):
         f"output_dir={out}",
         "name=driver-kill",
         *SMALL,
-    ]  # noqa: E501
+    ]
     # A fresh local Ray for each driver (never another test's or user's cluster).
     env = dict(os.environ, RAY_ADDRESS="local", PYTHONUNBUFFERED="1")
     subprocess.run(
@@ -128,10 +128,10 @@ def test_driver_kill_then_rerun_resumes(tmp_path):
         check=True,
         timeout=600,
         capture_output=True,
-    )  # noqa: E501
+    )
     first = subprocess.Popen(
         cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )  # noqa: E501
+    )
     try:
         killed_at = wait_for_step(out, 8)
     finally:

@@ -28,23 +28,12 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from cpo_ray.config import DataConfig
+from cpo_ray.contract import Reject
 from cpo_ray.data import OUT_SCHEMA, DataError, Tokenize, read_file
+from cpo_ray.tokenize import RowError
 
 MAX_LEN = 96  # small, so generated text is truncated often
-REASONS = {
-    "bad_encoding",
-    "malformed_json",
-    "not_an_object",
-    "unknown_format",
-    "missing_field",
-    "not_string",
-    "bad_messages",
-    "empty_response",
-    "identical_responses",
-    "unparseable_dialogue",
-    "empty_prompt",
-    "identical_after_truncation",
-}  # every RowError reason in cpo_ray except the catch-all "bad_record", which a fuzzed input must never reach
+REASONS = {r.value for r in Reject} - {Reject.BAD_RECORD}  # the catch-all a fuzzed input must never reach
 BLANK = b" \t\n\r\x0b\x0c"  # what bytes.strip() removes: such lines are not records
 SPECIALS = ("<s>", "</s>", "<pad>")  # the embedded tokenizer's special tokens
 
@@ -259,13 +248,11 @@ separators = st.sampled_from([b"\n", b"\r\n", b"\n\n", b"\n \t\n"])
 # ---------------------------------------------------------------------------------------------- JSONL
 
 
-def test_reason_set_matches_code():
-    """REASONS lists every RowError reason the code can produce (plus the forbidden catch-all)."""
-    import cpo_ray
-
-    src = "".join(p.read_text() for p in Path(cpo_ray.__file__).parent.glob("*.py"))
-    found = set(re.findall(r'RowError\(\s*"([a-z_]+)"', src))
-    assert found == REASONS | {"bad_record"}
+def test_reasons_are_the_contracts():
+    """A RowError reason must be one of contract.Reject: a typo is an error, not a new silent category."""
+    assert RowError(Reject.EMPTY_PROMPT, "x").reason == "empty_prompt"
+    with pytest.raises(ValueError):
+        RowError("emptyprompt", "x")
 
 
 @FUZZ

@@ -24,7 +24,7 @@ def test_pickle_weights_are_refused(tiny_model_dir, tmp_path):
     """A folder with only pytorch_model.bin (a pickle) must not load: training loads safetensors only."""
     from safetensors.torch import load_file
 
-    from cpo_ray.train import build_model
+    from cpo_ray.model import build_model
 
     bad = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, bad)

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from conftest import ASSETS
-from cpo_ray.batch import IGNORE, collate_padded
+from cpo_ray.batch import collate_padded
 from cpo_ray.formats import normalize
 from cpo_ray.tokenize import RowError, Special, tokenize_batch, truncate_pair
+
+IGNORE = -100  # the label a causal LM ignores
 
 
 def ids(tokenizer, text):

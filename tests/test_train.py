@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from cpo_ray.config import load_config
+from cpo_ray.contract import METRIC_KEYS, RunPaths
 from cpo_ray.data import prepare
-from cpo_ray.train import lr_lambda, run_training
+from cpo_ray.model import lr_lambda
+from cpo_ray.train import run_training
 
 pytestmark = pytest.mark.integration
 
@@ -85,22 +87,10 @@ def check_run(cfg, model_dir):
     # export reloads with the in-training held-out log-probs
     ev = json.loads((out / "train_eval.json").read_text())
     assert ev["step"] == cfg.train.max_steps and len(ev["pairs"]) == cfg.data.synthetic.eval_pairs
-    c, r = reloaded_logps(out / "final", cfg.data_dir)
+    c, r = reloaded_logps(out / "final", RunPaths.of(cfg).data_dir)
     torch.testing.assert_close(c, torch.tensor([p["logp_chosen"] for p in ev["pairs"]]), atol=1e-4, rtol=0)
     torch.testing.assert_close(r, torch.tensor([p["logp_rejected"] for p in ev["pairs"]]), atol=1e-4, rtol=0)
-    for key in (
-        "loss",
-        "nll_loss",
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/accuracies",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-        "lr",
-        "grad_norm",
-        "tokens_per_s",
-    ):  # noqa: E501
+    for key in (*METRIC_KEYS, "lr", "grad_norm", "tokens_per_s"):
         assert all(math.isfinite(r[key]) for r in rows), key
 
 
@@ -169,7 +159,7 @@ def test_resume_continues_step_optimizer_and_schedule(ray_local, tmp_path):
     # steps 13-20 follow the 20-step schedule from where the checkpoint left it
     for r in rows[12:]:
         assert r["lr"] == pytest.approx(1e-3 * f(r["step"]), rel=1e-6)
-    ckpt = Path(cfg2.storage_path) / "resume"
+    ckpt = Path(RunPaths.of(cfg2).storage_path) / "resume"
     states = sorted(ckpt.glob("checkpoint_*/cpo_state.json"))
     last = json.loads(states[-1].read_text())
     assert last["step"] == 20

@@ -1,0 +1,195 @@
+"""The data contract every stage shares: split and column names, reject reasons, metric keys, the run layout.
+
+Each name is defined here once; data, train, evaluate, pipeline, report and the tests import it. Pure
+Python: no Ray, torch or transformers, so anything may import it cheaply.
+
+    paths = RunPaths.of(cfg)
+    paths.split_dir(TRAIN)     # <data_dir>/train/*.parquet, written by prepare, streamed by train
+    paths.final                # <output_dir>/final: the merged Hugging Face model
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+# Tokenized splits: <data_dir>/<split>/part-*.parquet
+TRAIN, EVAL = "train", "eval"
+SPLITS = (TRAIN, EVAL)
+
+# One tokenized pair per Parquet row (int32 lists): prompt once, each response once (see cpo_ray.tokenize).
+PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS = "prompt_ids", "chosen_ids", "rejected_ids"
+PAIR_COLUMNS = (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS)
+TRUNCATED, SOURCE = "truncated", "source"  # bool; "file:line" (or "file:rowN") of the raw record
+KEPT_COLUMNS = (*PAIR_COLUMNS, TRUNCATED, SOURCE)
+
+
+class Stage(StrEnum):
+    """Pipeline stages, in order; each is also a `cpo-ray` subcommand."""
+
+    PREPARE = "prepare"
+    TRAIN = TRAIN
+    EVAL = EVAL
+    REPORT = "report"
+
+
+class Reject(StrEnum):
+    """Why prepare rejected a row: counted per reason in prepare_report.json, with file:line examples."""
+
+    BAD_ENCODING = "bad_encoding"  # not UTF-8, or a lone surrogate in a text field
+    MALFORMED_JSON = "malformed_json"
+    NOT_AN_OBJECT = "not_an_object"  # valid JSON, but not a {...} record
+    MISSING_FIELD = "missing_field"
+    NOT_STRING = "not_string"
+    UNKNOWN_FORMAT = "unknown_format"
+    BAD_MESSAGES = "bad_messages"  # a message list that is not [{role, content}] or a template mismatch
+    EMPTY_PROMPT = "empty_prompt"
+    EMPTY_RESPONSE = "empty_response"
+    IDENTICAL_RESPONSES = "identical_responses"
+    IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
+    UNPARSEABLE_DIALOGUE = "unparseable_dialogue"  # implicit format: no assistant turn before the difference
+    BAD_RECORD = "bad_record"  # catch-all for an unexpected exception: a bug to report, never expected
+
+
+# What the trainer logs every step (TRL CPOTrainer's names), in this order.
+METRIC_KEYS = (
+    "loss",
+    "nll_loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+# Seconds per phase of rank 0's step, logged next to the metrics (see cpo_ray.train).
+PHASE_KEYS = (
+    "time/data_s",
+    "time/forward_s",
+    "time/backward_s",
+    "time/grad_sync_s",
+    "time/optimizer_s",
+    "time/metrics_sync_s",
+)
+# In-training held-out scores (cpo_ray.heldout).
+HELDOUT_KEYS = ("eval/accuracy", "eval/margin", "eval/n")
+
+API_KEY_ENV = "CPO_RAY_API_KEY"  # Bearer key of the served API, when serve.api_key is not set
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where every artifact of a run lives. Defaults sit under cfg.output_dir; data.output_dir,
+    eval.output_dir and train.storage_path move their parts elsewhere (e.g. shared storage)."""
+
+    output_dir: Path
+    data_dir: Path
+    eval_dir: Path
+    storage_path: str  # Ray Train storage: a local folder or an fsspec URI such as s3://bucket/runs
+
+    @staticmethod
+    def anchored(cfg):
+        """A copy of cfg whose local output folders are absolute: workers and replicas run elsewhere."""
+        cfg = cfg.model_copy(deep=True)
+        cfg.output_dir = str(Path(cfg.output_dir).resolve())
+        for section in (cfg.data, cfg.eval):
+            if section.output_dir and "://" not in section.output_dir:
+                section.output_dir = str(Path(section.output_dir).resolve())
+        return cfg
+
+    @classmethod
+    def of(cls, cfg) -> RunPaths:
+        out = Path(cfg.output_dir)
+        return cls(
+            output_dir=out,
+            data_dir=Path(cfg.data.output_dir) if cfg.data.output_dir else out / "data",
+            eval_dir=Path(cfg.eval.output_dir) if cfg.eval.output_dir else out / EVAL,
+            storage_path=cfg.train.storage_path or str((out / "ray").resolve()),
+        )
+
+    # prepare
+    def split_dir(self, split: str) -> Path:
+        return self.data_dir / split
+
+    @property
+    def raw_dir(self) -> Path:  # the synthetic task's generated JSONL
+        return self.data_dir / "raw"
+
+    @property
+    def prepare_report(self) -> Path:
+        return self.data_dir / "prepare_report.json"
+
+    # train
+    @property
+    def metrics(self) -> Path:  # one JSON line per optimizer step (rank 0)
+        return self.output_dir / "metrics.jsonl"
+
+    @property
+    def events(self) -> Path:  # resumes and other run events
+        return self.output_dir / "events.jsonl"
+
+    @property
+    def heldout_scores(self) -> Path:  # the last in-training held-out scores, per pair
+        return self.output_dir / "train_eval.json"
+
+    @property
+    def final(self) -> Path:  # merged Hugging Face model (safetensors + tokenizer)
+        return self.output_dir / FINAL
+
+    @property
+    def adapter(self) -> Path:  # the LoRA adapter alone (LoRA runs)
+        return self.output_dir / ADAPTER
+
+    @property
+    def train_summary(self) -> Path:
+        return self.output_dir / "train_summary.json"
+
+    @property
+    def model_cache(self) -> Path:  # models built or converted for this run (embedded, GGUF)
+        return self.output_dir
+
+    # evaluate
+    @property
+    def eval_json(self) -> Path:
+        return self.eval_dir / EVAL_JSON
+
+    @property
+    def eval_md(self) -> Path:
+        return self.eval_dir / EVAL_MD
+
+    @property
+    def margins_png(self) -> Path:
+        return self.eval_dir / MARGINS_PNG
+
+    @property
+    def samples_md(self) -> Path:
+        return self.eval_dir / SAMPLES_MD
+
+    # pipeline and report
+    @property
+    def timings(self) -> Path:
+        return self.output_dir / "timings.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.output_dir / "report.html"
+
+    @property
+    def report_assets(self) -> Path:
+        return self.output_dir / "report"
+
+
+# Names inside a run's folders that more than one module reads.
+EVAL_JSON, EVAL_MD, MARGINS_PNG, SAMPLES_MD = "eval.json", "eval.md", "margins.png", "samples.md"  # in eval_dir
+FINAL, ADAPTER = "final", "adapter"  # the merged model and the LoRA adapter, in output_dir and in checkpoints
+FINAL_MARKER = "config.json"  # final/ is complete when its config.json exists
+CHECKPOINT_STATE = "cpo_state.json"  # step + data position, next to DeepSpeed's files in each checkpoint
+CHECKPOINT_METRICS = "metrics.jsonl"  # the final checkpoint carries metrics.jsonl for remote storage
+
+
+def pairs_file(model: str) -> str:
+    """pairs_<model>.jsonl with a filesystem-safe model id (ids may contain '/' or ':')."""
+    import re
+
+    return f"pairs_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}.jsonl"

@@ -1,0 +1,78 @@
+"""In-training held-out scoring: every rank scores its share of the eval split with the model being trained.
+
+    rows = load_heldout_rows(paths.split_dir(EVAL), rank, world)
+    scores, per_pair = score_heldout(engine, rows, cfg.train.micro_batch_size, pad_id, world)
+
+The same sums of response-token log-probs that cpo_ray.evaluate later reads from the served endpoint, so
+the two can be compared pair by pair (train_eval.json vs eval/pairs_<model>.jsonl).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from cpo_ray.batch import collate_padded, sequence_logps
+from cpo_ray.contract import PAIR_COLUMNS
+
+
+def load_heldout_rows(split_dir: Path, rank: int, world: int) -> list[dict]:
+    """This rank's share of the held-out split (row i goes to rank i % world), with global indices."""
+    import pyarrow.parquet as pq
+
+    if not any(Path(split_dir).glob("*.parquet")):
+        return []
+    rows = pq.read_table(split_dir, columns=list(PAIR_COLUMNS)).to_pylist()
+    return [dict(r, index=i) for i, r in enumerate(rows) if i % world == rank]
+
+
+def as_batch(rows: list[dict]) -> dict:
+    """Rows of int lists -> the numpy object-array columns Ray Data yields (what the collators take)."""
+    return {
+        k: np.array([np.asarray(r[k], dtype=np.int64) for r in rows] + [None], dtype=object)[:-1] for k in PAIR_COLUMNS
+    }
+
+
+def score_heldout(engine, rows: list[dict], batch_size: int, pad_id: int, world: int) -> tuple[dict, list[dict]]:
+    """Held-out accuracy and margin (summed logps), all ranks together; ZeRO-3 needs every rank to run
+    the same number of forwards, so short ranks repeat their last batch and drop its results."""
+    import torch
+    import torch.distributed as dist
+
+    n_local = torch.tensor([math.ceil(len(rows) / batch_size)], device=engine.device)
+    if world > 1:
+        dist.all_reduce(n_local, op=dist.ReduceOp.MAX)
+    engine.eval()
+    out = []
+    with torch.no_grad():
+        for b in range(int(n_local.item())):
+            chunk = rows[b * batch_size : (b + 1) * batch_size]
+            real = bool(chunk)
+            chunk = chunk or rows[-batch_size:] or None
+            if chunk is None:  # a rank with no eval rows at all still joins the collectives
+                continue
+            logp, _ = sequence_logps(engine.module, collate_padded(as_batch(chunk), pad_id))
+            if real:
+                k = len(chunk)
+                for r, c, j in zip(chunk, logp[:k].tolist(), logp[k:].tolist(), strict=True):
+                    out.append({"index": r["index"], "logp_chosen": c, "logp_rejected": j})
+    engine.train()
+    local = torch.tensor(
+        [
+            len(out),
+            sum(o["logp_chosen"] > o["logp_rejected"] for o in out),
+            sum(o["logp_chosen"] - o["logp_rejected"] for o in out),
+        ],
+        dtype=torch.float64,
+        device=engine.device,
+    )
+    if world > 1:
+        dist.all_reduce(local)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, out)
+        out = [o for part in gathered for o in part]
+    n = max(local[0].item(), 1)
+    scores = {"eval/accuracy": local[1].item() / n, "eval/margin": local[2].item() / n, "eval/n": int(local[0].item())}
+    return scores, sorted(out, key=lambda o: o["index"])
