@@ -1,14 +1,19 @@
 """Tokenization throughput: the Ray Data pipeline vs single-process loops, same tokenizer, same data.
 
-    .venv/bin/python bench/tokenize_throughput.py [--copies 8] [--tokenizer embedded|PATH]
+Run from the repository root:
+
+    .venv/bin/python -m bench.tokenize_throughput [--copies 8] [--tokenizer embedded|PATH]
+    .venv/bin/python -m bench.tokenize_throughput --copies 1 --num-cpus 2     # quick smoke run
 
 Data: ../shared/data/hh-rlhf-harmless-base/test.jsonl.gz (2,312 real HH-RLHF pairs), written as
 `--copies` JSONL shards so there is enough work to spread. Contenders, in one run:
   loop      the usual per-row script: json.loads -> normalise -> tokenizer() x3 -> truncate
   batched   the pipeline's own Tokenize UDF in this one process (batched tokenizer calls)
-  ray_data  cpo-ray's Ray Data pipeline (read tasks + tokenizer actor pool, all CPUs)
-Prints JSON: pairs/s of each and the ratios vs `loop`. Ray start-up is excluded (timed separately);
-actor start-up is included. Not a test: numbers depend on the machine and its load.
+  ray_data  cpo-ray's Ray Data pipeline (read tasks + tokenizer actor pool, all CPUs of a local Ray this
+            script starts in its own temp folder and shuts down)
+Prints ONE JSON object on stdout (everything else goes to stderr): pairs/s of each and the ratios vs
+`loop`. Ray start-up is excluded (timed separately); actor start-up is included. Not a test: numbers
+depend on the machine and its load (the JSON carries the load average before and after).
 """
 
 from __future__ import annotations
@@ -17,15 +22,10 @@ import argparse
 import gzip
 import json
 import os
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+from bench.common import HH, local_ray, run_bench
 
 
 def loop_baseline(files: list[str], tokenizer, max_length: int) -> tuple[int, int]:
@@ -70,19 +70,12 @@ def ray_data(files: list[str], model_path: str, cfg) -> int:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--copies", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--tokenizer", default="embedded", help="embedded (byte-level) or a local HF tokenizer folder")
-    args = ap.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def bench(args, tmp: Path) -> dict:
     from transformers import AutoTokenizer
 
     from cpo_ray.config import load_config
     from cpo_ray.embedded import build_embedded_model
 
-    tmp = Path(tempfile.mkdtemp(prefix="cpo-bench-tok-"))
     model_path = str(build_embedded_model(tmp / "model")) if args.tokenizer == "embedded" else args.tokenizer
     text = gzip.decompress(HH.read_bytes()).decode()
     files = []
@@ -93,7 +86,7 @@ def main() -> None:
     cfg = load_config(None, [f"data.max_length={args.max_length}", "data.format=implicit"])
     tok = AutoTokenizer.from_pretrained(model_path)
 
-    res: dict = {"pairs": pairs, "copies": args.copies, "cpus": os.cpu_count(), "tokenizer": args.tokenizer}
+    res: dict = {"pairs": pairs, "copies": args.copies, "cpus": args.num_cpus, "tokenizer": args.tokenizer}
     t = time.perf_counter()
     kept, rejected = loop_baseline(files, tok, args.max_length)
     res["loop_s"] = time.perf_counter() - t
@@ -101,26 +94,31 @@ def main() -> None:
     assert batched_single(files, model_path, cfg) == pairs
     res["batched_s"] = time.perf_counter() - t
 
-    import ray
-
     t = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    res["ray_init_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    assert ray_data(files, model_path, cfg) == pairs
-    res["ray_data_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    assert ray_data(files, model_path, cfg) == pairs  # second run: workers warm, as in a longer job
-    res["ray_data_warm_s"] = time.perf_counter() - t
-    ray.shutdown()
+    with local_ray(args.num_cpus, tmp / "ray", logging_level="ERROR"):
+        res["ray_init_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        assert ray_data(files, model_path, cfg) == pairs
+        res["ray_data_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        assert ray_data(files, model_path, cfg) == pairs  # second run: workers warm, as in a longer job
+        res["ray_data_warm_s"] = time.perf_counter() - t
     for k in ("loop", "batched", "ray_data", "ray_data_warm"):
         res[f"{k}_pairs_per_s"] = round(pairs / res[f"{k}_s"], 1)
     for k in ("batched", "ray_data", "ray_data_warm"):
         res[f"ratio_{k}_vs_loop"] = round(res[f"{k}_pairs_per_s"] / res["loop_pairs_per_s"], 2)
     res["loop_kept"], res["loop_rejected"] = kept, rejected
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}, indent=2))
-    shutil.rmtree(tmp, ignore_errors=True)
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--tokenizer", default="embedded", help="embedded (byte-level) or a local HF tokenizer folder")
+    ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="logical CPUs of the local Ray")
+    args = ap.parse_args()
+    run_bench(lambda work: bench(args, work), prefix="cpo-bench-tok-")
 
 
 if __name__ == "__main__":

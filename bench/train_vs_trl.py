@@ -1,0 +1,376 @@
+"""Training throughput in one process: TRL's CPOTrainer vs cpo-ray's training step, same everything.
+
+Run from the repository root:
+
+    .venv/bin/python -m bench.train_vs_trl                                # defaults below, ~6 min on 2 cores
+    .venv/bin/python -m bench.train_vs_trl --hidden 64 --layers 2 --steps 2 --warmup 1 \
+        --max-length 128 --contenders trl,varlen                          # quick smoke run
+
+Same machine, model, data, max_length, batch, precision (fp32), optimizer (torch AdamW fused=True, lr 1e-5, betas
+0.9/0.999, no weight decay, grad-norm clip 1.0, constant lr) and loss (sigmoid CPO + NLL, beta 0.1,
+cpo_alpha 1.0) for every contender. Default model: a random Llama, vocab 8192 (byte-level BPE trained here
+with `tokenizers` on the HH data), hidden 512, 6 layers, 8 heads, intermediate 1376 (~27M params),
+max_length 512, 4 pairs per optimizer step, 2 threads. Ray Train scaling is bench.train_scaling.
+
+Data: ../shared/data/hh-rlhf-harmless-base/test.jsonl.gz (implicit-prompt HH-RLHF), split into
+prompt/chosen/rejected by cpo_ray.formats.normalize and tokenized by cpo_ray.tokenize (BOS + prompt,
+response + EOS). TRL never truncates prompts, so pairs whose prompt + longest response exceed max_length
+are dropped for everyone (counted in the JSON), as are pairs where TRL's enc(prompt + response) would give
+other ids than cpo-ray's enc(prompt) + enc(response) (counted too; the ids TRL builds are then checked equal
+to cpo-ray's for every used pair). All contenders train on the first (warmup + steps) x pairs kept pairs, in
+file order (see bench.common).
+
+Contenders (--contenders, comma-separated):
+  trl       trl.experimental.cpo.CPOTrainer, train_sampling_strategy=sequential: batch i = pairs[4i:4i+4],
+            DPODataCollatorWithPadding (right padding to the longest of the 8 sequences), full [8, L, V] logits
+  padded    cpo-ray step in this process: collate_padded + sequence_logps + cpo_objective + backward + clip +
+            AdamW, the SAME batches as trl (one sequence per row, right padding to the longest)
+  packed    the same with collate_packed (sequences of the batch packed into rows as wide as the longest,
+            block-diagonal mask; padding only in row tails)
+  varlen    the same with collate_varlen (all sequences in ONE row, no padding) + per-sequence causal SDPA:
+            what the trainer runs when train.packing is on (default attention)
+  *_grouped trl/padded/packed/varlen on the same pairs reordered by cpo-ray's length grouping (warm-up
+            and timed pairs regrouped separately, so every timed window holds the same pairs)
+
+Timing: a fixed number of optimizer steps after --warmup steps. tokens/s counts non-pad tokens (prompt and
+response of both sequences of each pair): timed tokens / wall time between the end of the last warm-up step
+and the end of the last step (collation and data loading included). MFU = tokens/s x 6 x params / peak,
+peak = best fp32 torch.mm GFLOP/s measured in this run at the bench's thread count (start and end).
+The first-batch loss of trl and of padded/packed/varlen (same saved random model, same first 4 pairs) must
+agree within 1e-4. A torch.profiler top-10 (self CPU %) of --profile-variant explains where its time goes.
+Targets: best cpo-ray contender >= 2.2x trl tokens/s, and MFU >= 0.75.
+
+Prints ONE JSON object on stdout (everything else goes to stderr). Not a test: numbers depend on the machine
+and on its load (the JSON carries the 1-minute load average before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from pathlib import Path
+
+from bench.common import (
+    BETA,
+    BETAS,
+    CPO_ALPHA,
+    LR,
+    MAX_GRAD_NORM,
+    TrainingSetup,
+    add_training_args,
+    contender_list,
+    finish_training,
+    grouped_order,
+    load1,
+    load_model,
+    log,
+    prepare_training,
+    ratio,
+    run_bench,
+)
+
+ONE_PROCESS = ["trl", "padded", "packed", "varlen"]
+GROUPED = [f"{n}_grouped" for n in ONE_PROCESS]
+CONTENDERS = [*ONE_PROCESS, *GROUPED]
+CPO_RAY = [n for n in CONTENDERS if not n.startswith("trl")]  # cpo-ray's one-process contenders
+
+
+# ---------------------------------------------------------------------------------------------- trl
+
+
+def run_trl(model_dir: Path, pairs: list[dict], args, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ds = Dataset.from_dict({k: [p[k] for p in pairs] for k in ("prompt", "chosen", "rejected")})
+    step_tokens: list[int] = []
+    marks: list[float] = []
+
+    class Counting(CPOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            step_tokens.append(int(inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            marks.append(time.perf_counter())
+
+    conf = CPOConfig(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=args.pairs,
+        gradient_accumulation_steps=1,
+        max_steps=args.warmup + args.steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=BETAS[0],
+        adam_beta2=BETAS[1],
+        max_grad_norm=MAX_GRAD_NORM,
+        optim="adamw_torch_fused",  # the AdamW implementation cpo-ray uses
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        max_length=args.max_length,
+        beta=BETA,
+        cpo_alpha=CPO_ALPHA,
+        loss_type="sigmoid",
+        train_sampling_strategy="sequential",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=args.seed,
+    )
+    trainer = Counting(model=model, args=conf, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    # The ids TRL built must be cpo-ray's ids: BOS + prompt + response + EOS.
+    td = trainer.train_dataset
+    same_ids = all(
+        td[i]["chosen_input_ids"] == p["prompt_ids"] + p["chosen_ids"]
+        and td[i]["rejected_input_ids"] == p["prompt_ids"] + p["rejected_ids"]
+        for i, p in enumerate(pairs)
+    )
+    first = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        first_loss, _ = trainer.get_batch_loss_metrics(trainer.model, trainer._prepare_inputs(first))
+    step_tokens.clear()
+    trainer.train()
+    res = timed(marks, step_tokens, args)
+    res.update(first_batch_loss=float(first_loss), token_ids_equal_cpo_ray=same_ids)
+    res["batching"] = "sequential batches of --pairs pairs; one sequence per row, right-padded to the longest"
+    del trainer, model
+    gc.collect()
+    return res
+
+
+def timed(marks: list[float], step_tokens: list[int], args) -> dict:
+    """tokens/s over the steps after warm-up: marks[i] = end of step i (0-based)."""
+    w, n = args.warmup, args.warmup + args.steps
+    if len(marks) < n or len(step_tokens) < n:
+        raise RuntimeError(f"expected {n} steps, saw {len(marks)} step ends and {len(step_tokens)} batches")
+    secs = marks[n - 1] - marks[w - 1]
+    toks = sum(step_tokens[w:n])
+    return {
+        "tokens_per_s": toks / secs,
+        "step_s_mean": secs / args.steps,
+        "timed_steps": args.steps,
+        "timed_tokens": toks,
+        "step_tokens": step_tokens[:n],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- cpo-ray
+
+
+def batches(pairs: list[dict], args) -> list[dict]:
+    """--pairs pairs per step in order, as the numpy columns the trainer's stream hands to collate."""
+    import numpy as np
+
+    from cpo_ray.contract import PAIR_COLUMNS
+
+    out = []
+    for i in range(args.warmup + args.steps):
+        chunk = pairs[i * args.pairs : (i + 1) * args.pairs]
+        out.append(
+            {
+                k: np.array([np.asarray(r[k], dtype=np.int64) for r in chunk] + [None], dtype=object)[:-1]
+                for k in PAIR_COLUMNS
+            }
+        )
+    return out
+
+
+def batch_loss(model, batch: dict):
+    """cpo-ray's loss on a collated batch: one forward, sigmoid CPO + NLL (the bench's settings)."""
+    from cpo_ray.batch import sequence_logps
+    from cpo_ray.loss import cpo_objective
+
+    logp, count = sequence_logps(model, batch)
+    b = batch["num_seqs"] // 2
+    loss, _ = cpo_objective(
+        logp[:b], logp[b:], count[:b], count[b:],
+        loss_type="sigmoid", beta=BETA, cpo_alpha=CPO_ALPHA, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0,
+    )  # fmt: skip
+    return loss
+
+
+def cpo_ray_step(model, opt, raw: dict, collate, phases: dict | None = None) -> int:
+    import torch
+
+    t0 = time.perf_counter()
+    batch = collate(raw)
+    t1 = time.perf_counter()
+    loss = batch_loss(model, batch)
+    t2 = time.perf_counter()
+    loss.backward()
+    t3 = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    t4 = time.perf_counter()
+    if phases is not None:
+        for k, v in zip(
+            ("collate", "forward_loss", "backward", "clip_adamw"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True
+        ):
+            phases[k] = phases.get(k, 0.0) + v
+    return batch["tokens"]
+
+
+def collate_fn(variant: str, pad_id: int):
+    from cpo_ray.batch import collate_packed, collate_padded, collate_varlen
+
+    fn = {"packed": collate_packed, "padded": collate_padded, "varlen": collate_varlen}[variant]
+    return lambda b: fn(b, pad_id)
+
+
+def run_cpo_ray(variant: str, model_dir: Path, pairs: list[dict], args, profile: bool) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    pad_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id
+    collate = collate_fn(variant, pad_id)
+    model = load_model(model_dir)
+    if variant == "varlen":
+        from cpo_ray.batch import use_varlen_attention
+
+        use_varlen_attention(model)
+    model.train()
+    raws = batches(pairs, args)
+    with torch.no_grad():
+        first = float(batch_loss(model, collate(raws[0])))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=0.0, fused=True)
+    marks, step_tokens, phases = [], [], {}
+    for i, raw in enumerate(raws):
+        step_tokens.append(cpo_ray_step(model, opt, raw, collate, phases if i >= args.warmup else None))
+        marks.append(time.perf_counter())
+    res = timed(marks, step_tokens, args)
+    res["phase_s_per_step"] = {k: round(v / args.steps, 4) for k, v in phases.items()}
+    res["first_batch_loss"] = first
+    res["batching"] = (
+        "the same sequential batches as trl; "
+        + {
+            "packed": "sequences packed into rows as wide as the longest (first-fit by length, position ids restart, "
+            "block-diagonal mask), padding only in row tails",
+            "varlen": "all sequences in one row, no padding; per-sequence causal SDPA (cpo_ray.batch.varlen_sdpa)",
+            "padded": "one sequence per row, right-padded to the longest",
+        }[variant]
+    )
+    if profile:
+        res["profile_top10"] = profile_steps(model, opt, raws, collate, args)
+    del model, opt
+    gc.collect()
+    return res
+
+
+def profile_steps(model, opt, raws, collate, args, steps: int = 2) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for raw in raws[args.warmup : args.warmup + steps]:
+            cpo_ray_step(model, opt, raw, collate)
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+    return [{"op": e.key, "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1), "calls": e.count} for e in top]
+
+
+def run_one_process(name: str, s: TrainingSetup, args, work: Path, profile: bool = False) -> dict:
+    """One contender of CONTENDERS on the setup's pairs (or on them length-grouped, for *_grouped).
+    bench.train_scaling runs its one-process baselines through this too."""
+    variant, grouped = name.removesuffix("_grouped"), name.endswith("_grouped")
+    pairs = grouped_order(s.pairs, args) if grouped else s.pairs
+    if variant == "trl":
+        res = run_trl(s.model_dir, pairs, args, work)
+    else:
+        res = run_cpo_ray(variant, s.model_dir, pairs, args, profile)
+    if grouped:
+        res["batching"] += "; pairs reordered by cpo-ray's length grouping (same pairs per window)"
+    return res
+
+
+def best_one_process(res: dict[str, dict]) -> str | None:
+    """The fastest cpo-ray one-process contender that ran."""
+    return max((n for n in CPO_RAY if n in res), key=lambda n: res[n]["tokens_per_s"], default=None)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def loss_check(res: dict[str, dict]) -> dict:
+    """Same steps, same tokens, same first-batch loss; pops the per-step token lists it compares."""
+    check: dict = {}
+    for group in (ONE_PROCESS, GROUPED):
+        token_lists = [res[n]["step_tokens"] for n in group if n in res]
+        check[f"same_tokens_per_step_{group[0]}"] = (
+            all(t == token_lists[0] for t in token_lists) if token_lists else None
+        )
+    # Grouping reorders pairs inside the warm-up and inside the timed window, never across them.
+    check["same_timed_tokens_all_one_process"] = len({r["timed_tokens"] for r in res.values()}) <= 1
+    for r in res.values():
+        r.pop("step_tokens", None)
+    if "trl" in res:
+        for n in ("padded", "packed", "varlen"):
+            if n in res:
+                check[f"abs_diff_trl_vs_{n}"] = abs(res[n]["first_batch_loss"] - res["trl"]["first_batch_loss"])
+        diffs = [v for k, v in check.items() if k.startswith("abs_diff")]
+        check["pass_1e-4"] = bool(diffs) and max(diffs) < 1e-4
+        check["trl_first_batch_loss"] = res["trl"]["first_batch_loss"]
+        check["token_ids_equal"] = res["trl"].pop("token_ids_equal_cpo_ray")
+    return check
+
+
+def bench(args, names: list[str], work: Path) -> dict:
+    s = prepare_training(args, work)
+    res: dict[str, dict] = {}
+    for name in names:
+        log(f"contender {name} (load {load1()})")
+        res[name] = run_one_process(name, s, args, work, profile=name == args.profile_variant)
+        log(f"  -> {res[name]['tokens_per_s']:.0f} tok/s")
+    check = loss_check(res)
+    profile = next((r.pop("profile_top10") for r in res.values() if "profile_top10" in r), None)
+    head = finish_training("train_vs_trl", args, s, res)
+    best = best_one_process(res)
+    targets = {
+        "one_process_best_variant": best,
+        "one_process_over_trl": ratio(res, best, "trl"),
+        "one_process_over_trl_grouped": ratio(res, best, "trl_grouped"),
+        "one_process_over_trl_target": 2.2,
+        "one_process_mfu": res[best]["mfu_vs_measured_peak"] if best else None,
+        "one_process_mfu_target": 0.75,
+    }
+    return {
+        **head,
+        "loss_check_first_batch": check,
+        "contenders": res,
+        "targets": targets,
+        "profile_top10_self_cpu": {"variant": args.profile_variant, "ops": profile},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(ap)
+    ap.add_argument(
+        "--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}"
+    )
+    ap.add_argument("--profile-variant", choices=[*CPO_RAY, "none"], default="varlen")
+    args = ap.parse_args()
+    args.warmup = max(1, args.warmup)
+    names = contender_list(args.contenders, CONTENDERS)
+    run_bench(lambda work: bench(args, names, work), prefix="cpo-train-bench-", keep=args.keep)
+
+
+if __name__ == "__main__":
+    main()
