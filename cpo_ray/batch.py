@@ -158,60 +158,15 @@ def collate_varlen(batch: dict, pad_id: int) -> dict:
     }
 
 
-VARLEN_ATTENTION = "cpo_varlen_sdpa"
-
-
-def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None, **kwargs):
-    """transformers attention function: causal SDPA per packed sequence (bounds from cu_seq_lens_q).
-
-    A block-diagonal mask over a packed row makes SDPA compute every (query, key) block of the row;
-    per-sequence causal calls compute only sum(L_i^2)/2 and take SDPA's causal fast path. Without
-    boundaries (padded batches, generation) it is transformers' own sdpa.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    unsupported = {k: kwargs[k] for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None}
-    if unsupported:  # these models need their own kernel: fail loudly rather than attend differently
-        raise NotImplementedError(
-            f"{VARLEN_ATTENTION} does not implement {sorted(unsupported)}; set model.attn_implementation "
-            "to sdpa (block-diagonal packing) or flash_attention_2"
-        )
-    if cu_seq_lens_q is None or query.shape[0] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
-    gqa = getattr(module, "num_key_value_groups", 1) > 1
-    p = dropout if module.training else 0.0
-    out = torch.cat(
-        [
-            torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa
-            )
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ],
-        dim=2,
-    )  # fmt: skip
-    return out.transpose(1, 2).contiguous(), None
-
-
-def use_varlen_attention(model) -> None:
-    """Switch a transformers model (peft/DeepSpeed wrappers included) to VARLEN_ATTENTION."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa)
-    from cpo_ray.compat import attn_implementation
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(VARLEN_ATTENTION)
-    if attn_implementation(base) != VARLEN_ATTENTION:  # e.g. remote code that cannot switch
-        raise ValueError(f"{type(base).__name__} did not switch to {VARLEN_ATTENTION}: set model.attn_implementation")
-
-
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob, scored token count) per sequence, [2B] each, from ONE forward of `model`.
 
-    `model` is a transformers causal LM (optionally peft- or DeepSpeed-wrapped): its decoder runs on
-    all tokens, its LM head only on the positions that predict a response token.
+    `model` is a transformers causal LM (optionally peft-wrapped): its decoder runs on all tokens, its LM
+    head (with the architecture's own logit transforms, cpo_ray.heads) only on the positions that predict a
+    response token.
     """
+    from cpo_ray.heads import output_head
+
     device = next(model.parameters()).device
     varlen = {}
     if batch.get("cu_seqlens") is not None:  # read by VARLEN_ATTENTION and by flash-attention varlen
@@ -227,10 +182,7 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         **varlen,
     ).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["pred_idx"].to(device))
-    logits = model.get_output_embeddings()(h).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma-2 style soft-capping, applied by the model's own forward after the head
-        logits = torch.tanh(logits / cap) * cap
+    logits = output_head(model)(h)
     tgt = batch["tgt_ids"].to(device)
     tok_logp = logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
     sid = batch["seq_idx"].to(device)
@@ -240,16 +192,35 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logp, count
 
 
+class PairScorer(torch.nn.Module):
+    """The module DeepSpeed wraps: forward(batch) = sequence_logps(model, batch).
+
+    The trainer calls engine(batch), so DeepSpeed's root-module hooks run: ZeRO-3 records its parameter
+    trace on the first step and prefetches from the second, and counts micro-steps so gradients accumulate
+    (called around the root, ZeRO-3 never prefetches and overwrites accumulated gradients)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return sequence_logps(self.model, batch)
+
+
 def collate_for(packing: bool, attn: str | None, module, pad_id: int):
-    """The collate function of the trainer's micro-batches (switching `module` to VARLEN_ATTENTION if used).
+    """The collate function of the trainer's micro-batches; switches `module` to VARLEN_ATTENTION unless
+    model.attn_implementation names another.
 
     Packing: by default one padding-free row per micro-batch with per-sequence causal attention;
     flash-attention models read the same sequence boundaries. An explicit sdpa/eager keeps rows as wide
-    as the longest sequence with a block-diagonal mask. No packing: one right-padded sequence per row.
+    as the longest sequence with a block-diagonal mask. No packing: one right-padded sequence per row (our
+    attention then runs per row, with the sliding windows and soft-capping that transformers' sdpa drops).
     """
+    from cpo_ray.attention import VARLEN_ATTENTION, use_varlen_attention
+
+    if attn in (None, VARLEN_ATTENTION):
+        use_varlen_attention(module)
     if packing and attn in (None, VARLEN_ATTENTION, "flash_attention_2", "flash_attention_3"):
-        if attn in (None, VARLEN_ATTENTION):
-            use_varlen_attention(module)
         return lambda b: collate_varlen(b, pad_id)
     if packing:
         return lambda b: collate_packed(b, pad_id)

@@ -140,6 +140,7 @@ class TrainConfig(_Strict):
     # instead of DeepSpeed's one flatten + all-reduce after it. Off = DeepSpeed's own path.
     overlap_grad_sync: bool = True
     eval_every: int = 100  # steps between held-out evaluations (0 = only at the start and the end)
+    eval_batch_size: int = 32  # held-out pairs per forward (no backward, so more than micro_batch_size fits)
     checkpoint_every: int = 200  # steps between checkpoints (0 = only at the end): more = less lost to a crash
     keep_checkpoints: int = 2  # checkpoints kept in storage (each holds every rank's shard)
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
@@ -207,6 +208,21 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.model.dtype == "float16":
+            # DeepSpeed 0.19.8: its CPU accelerator has no fp16, and its ZeRO-0 fp16 optimizer never applies
+            # the loss scale to a client optimizer's backward (updates shrink by 2^16): refuse both.
+            if not self.train.use_gpu:
+                raise ValueError(
+                    "model.dtype=float16 needs train.use_gpu=true (no fp16 on CPU): use bfloat16 or float32"
+                )
+            if self.train.zero_stage == 0:
+                raise ValueError(
+                    "model.dtype=float16 needs train.zero_stage >= 1 (DeepSpeed's ZeRO-0 fp16 path does not scale the loss); or use bfloat16"
+                )
+        return self
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -5,8 +5,9 @@
 
 `prepare(cfg)` writes each split's Parquet and prepare_report.json where cpo_ray.contract.RunPaths says, and
 fails when the rejected share exceeds data.max_reject_fraction. `train_stream(split_dir)` is the lazy Ray
-Dataset the trainer streams (read_parquet: workers start on the first blocks). Inputs: JSONL,
-JSONL.gz and Parquet; local paths, globs, folders or any fsspec URI (s3://, gs://, ...).
+Dataset the trainer streams (read_parquet: workers start on the first blocks). Inputs: JSONL, JSONL.gz,
+JSON arrays (.json/.json.gz holding [ {...}, ... ], streamed; records numbered `file:recordN`) and Parquet;
+local paths, globs, folders or any fsspec URI (s3://, gs://, ...).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ OUT_SCHEMA = pa.schema(
     [
         *[(c, pa.list_(pa.int32())) for c in PAIR_COLUMNS],
         (TRUNCATED, pa.bool_()),
+        ("boundary_merge", pa.bool_()),  # a merge across prompt|response moved a token (cpo_ray.tokenize)
         (SOURCE, pa.string()),
         ("reason", pa.string()),  # a Reject value; null = kept
         ("message", pa.string()),
@@ -73,6 +75,94 @@ def _lines(path: str):
                 yield line_no, line
         except (EOFError, OSError, zlib.error) as e:
             raise DataError(f"{path}: unreadable after line {line_no} ({type(e).__name__}: {e})") from None
+
+
+def _is_json_array(path: str) -> bool:
+    """A .json/.json.gz file whose first non-blank byte is "[" holds one JSON array of records (as
+    LLaMA-Factory and many dataset repositories ship them); anything else is read as JSONL."""
+    if not path.endswith((".json", ".json.gz")):
+        return False
+    with fsspec.open(path, "rb", compression="infer") as stream:
+        head = stream.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1] == b"["
+
+
+class _ArrayReader:
+    """The elements of one JSON array as raw JSON text, streamed in 1 MiB chunks: the C JSON scanner finds
+    where each element ends, and the Tokenize stage parses it as it parses a JSONL line (so a record that
+    is valid JSON but not a usable pair is a counted reject). Bytes that are not UTF-8 survive as surrogate
+    escapes and are rejected per record (bad_encoding). Only a broken array (a syntax error between or
+    inside elements) stops the file, with a DataError naming the record."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, stream, path: str):
+        import codecs
+
+        self.stream, self.path = stream, path
+        self.decode = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape").decode
+        self.buf, self.pos, self.eof = "", 0, False
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        data = self.stream.read(self.CHUNK)
+        self.eof = not data
+        self.buf = self.buf[self.pos :] + self.decode(data, final=self.eof)
+        self.pos = 0
+        return True
+
+    def _peek(self) -> str:
+        """The next non-blank character ("" at the end of the file)."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n\ufeff":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self._more():
+                return self.buf[self.pos : self.pos + 1]
+
+    def _fail(self, n: int, what: str):
+        raise DataError(f"{self.path}: not a valid JSON array after record {n} ({what})")
+
+    def __iter__(self):
+        scan = json.JSONDecoder().raw_decode
+        if self._peek() != "[":
+            self._fail(0, "no opening [")
+        self.pos += 1
+        n = 0
+        while True:
+            c = self._peek()
+            if c == "]":
+                self.pos += 1
+                if self._peek():
+                    self._fail(n, "text after the closing ]")
+                return
+            if n:
+                if c != ",":
+                    self._fail(n, "expected , or ]" if c else "the file ends inside the array")
+                self.pos += 1
+                self._peek()
+            while True:
+                try:
+                    _, end = scan(self.buf, self.pos)
+                    if end < len(self.buf) or self.eof:  # a number at the buffer's end may continue
+                        break
+                except ValueError as e:  # JSONDecodeError, or an int over Python's digit limit
+                    if self.eof:
+                        self._fail(n, str(e))
+                if not self._more():
+                    self._fail(n, "the file ends inside a record")
+            n += 1
+            yield n, self.buf[self.pos : end]
+            self.pos = end
+
+
+def _array_records(path: str):
+    """(record number, JSON text) of each element of a JSON array file; never loaded whole."""
+    try:
+        with fsspec.open(path, "rb", compression="infer") as stream:
+            yield from _ArrayReader(stream, path)
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def _json_default(value):
@@ -119,6 +209,20 @@ def read_file(batch: dict) -> dict:
                     sources, raws = [], []
         except (OSError, ValueError, pa.ArrowException) as e:  # ValueError: e.g. undecodable schema names
             raise DataError(f"{path}: unreadable Parquet ({e})") from None
+        return
+    if _is_json_array(path):
+        for n, text in _array_records(path):
+            sources.append(f"{path}:record{n}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that were not UTF-8 (surrogate escapes): bad_encoding
+                text = None
+            raws.append(text)
+            if len(raws) >= READ_BATCH:
+                yield {"source": sources, "raw": raws}
+                sources, raws = [], []
+        if raws:
+            yield {"source": sources, "raw": raws}
         return
     for line_no, line in _lines(path):
         if not line.strip():
@@ -189,6 +293,7 @@ class Tokenize:
             {
                 **{c: [r[c] if r else empty for r in rows] for c in PAIR_COLUMNS},
                 TRUNCATED: [bool(r and r[TRUNCATED]) for r in rows],
+                "boundary_merge": [bool(r and r["merged"]) for r in rows],
                 SOURCE: list(batch["source"]),
                 "reason": [e.reason.value if e else None for e in errors],
                 "message": [(f"{e.field}: {e}" if e.field else str(e)) if e else None for e in errors],
@@ -242,7 +347,7 @@ class _SplitWriter:
             old.unlink()
         self.out_dir, self.rows_per_file = out_dir, rows_per_file
         self.writer, self.in_file, self.files = None, 0, []
-        self.read = self.truncated = 0
+        self.read = self.truncated = self.merges = 0
         self.reasons: Counter = Counter()
         self.examples: dict[str, list[str]] = defaultdict(list)
         self.lens: dict[str, list[int]] = {c: [] for c in PAIR_COLUMNS}
@@ -257,7 +362,9 @@ class _SplitWriter:
             self.reasons[r] += 1
             if len(self.examples[r]) < MAX_EXAMPLES:
                 self.examples[r].append(f"{src}: {msg}")
-        kept = table.filter(pc.is_null(table.column("reason"))).select(list(KEPT_COLUMNS))
+        kept = table.filter(pc.is_null(table.column("reason")))
+        self.merges += int(pc.sum(kept.column("boundary_merge")).as_py() or 0)
+        kept = kept.select(list(KEPT_COLUMNS))
         self.truncated += int(pc.sum(kept.column(TRUNCATED)).as_py() or 0)
         for c in self.lens:
             self.lens[c] += pc.list_value_length(kept.column(c)).to_pylist()
@@ -285,6 +392,7 @@ class _SplitWriter:
             "rejected_by_reason": dict(self.reasons.most_common()),
             "examples": dict(self.examples),
             "truncated": self.truncated,
+            "boundary_merges": self.merges,
             "tokens": {c.removesuffix("_ids"): _stats(v) for c, v in self.lens.items()},
             "parquet": self.files,
         }

@@ -1,7 +1,7 @@
 """In-training held-out scoring: every rank scores its share of the eval split with the model being trained.
 
     rows = load_heldout_rows(paths.split_dir(EVAL), rank, world)
-    scores, per_pair = score_heldout(engine, rows, cfg.train.micro_batch_size, pad_id, world)
+    scores, per_pair = score_heldout(engine, rows, cfg.train.eval_batch_size, collate, pad_id, world)
 
 The same sums of response-token log-probs that cpo_ray.evaluate later reads from the served endpoint, so
 the two can be compared pair by pair (train_eval.json vs eval/pairs_<model>.jsonl).
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpo_ray.batch import collate_padded, sequence_logps
-from cpo_ray.contract import PAIR_COLUMNS
+from cpo_ray.contract import CHOSEN_IDS, PAIR_COLUMNS, PROMPT_IDS, REJECTED_IDS
 
 
 def load_heldout_rows(split_dir: Path, rank: int, world: int) -> list[dict]:
@@ -35,29 +34,30 @@ def as_batch(rows: list[dict]) -> dict:
     }
 
 
-def score_heldout(engine, rows: list[dict], batch_size: int, pad_id: int, world: int) -> tuple[dict, list[dict]]:
-    """Held-out accuracy and margin (summed logps), all ranks together; ZeRO-3 needs every rank to run
-    the same number of forwards, so short ranks repeat their last batch and drop its results."""
+def score_heldout(
+    engine, rows: list[dict], batch_size: int, collate, pad_id: int, world: int
+) -> tuple[dict, list[dict]]:
+    """Held-out accuracy and margin (summed logps) of the model as it is now, all ranks together, through the
+    trainer's own forward (engine(batch): packed, LM head on response positions only).
+
+    Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively): a rank with fewer
+    rows, or none at all, runs a one-token dummy pair and drops its result."""
     import torch
     import torch.distributed as dist
 
     n_local = torch.tensor([math.ceil(len(rows) / batch_size)], device=engine.device)
     if world > 1:
         dist.all_reduce(n_local, op=dist.ReduceOp.MAX)
+    dummy = [{PROMPT_IDS: [pad_id], CHOSEN_IDS: [pad_id], REJECTED_IDS: [pad_id]}]
     engine.eval()
     out = []
     with torch.no_grad():
         for b in range(int(n_local.item())):
             chunk = rows[b * batch_size : (b + 1) * batch_size]
-            real = bool(chunk)
-            chunk = chunk or rows[-batch_size:] or None
-            if chunk is None:  # a rank with no eval rows at all still joins the collectives
-                continue
-            logp, _ = sequence_logps(engine.module, collate_padded(as_batch(chunk), pad_id))
-            if real:
-                k = len(chunk)
-                for r, c, j in zip(chunk, logp[:k].tolist(), logp[k:].tolist(), strict=True):
-                    out.append({"index": r["index"], "logp_chosen": c, "logp_rejected": j})
+            logp, _ = engine(collate(as_batch(chunk or dummy)))
+            k = len(chunk)
+            for r, c, j in zip(chunk, logp[:k].tolist(), logp[k : 2 * k].tolist(), strict=True):
+                out.append({"index": r["index"], "logp_chosen": c, "logp_rejected": j})
     engine.train()
     local = torch.tensor(
         [

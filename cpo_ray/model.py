@@ -1,7 +1,7 @@
 """What trains: the causal LM (full or LoRA), its tokenizer, the DeepSpeed engine around it, and the export.
 
     model_path = resolve_model_path(cfg)                        # hub id, folder, or embedded:tiny built offline
-    engine, scheduler, clip = build_engine(cfg, model_path, world, total_steps, use_gpu)
+    engine, scheduler, clip, collate = build_engine(cfg, model_path, world, total_steps, use_gpu, pad_id)
     export_model(engine, cfg, model_path, out_dir, rank)        # out_dir/final (merged) + out_dir/adapter
 
 Imports torch, transformers, peft and DeepSpeed only inside functions, so the driver and the tests can
@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from cpo_ray.config import EMBEDDED_MODEL, Config, TrainConfig
-from cpo_ray.contract import ADAPTER, FINAL, RunPaths
+from cpo_ray.contract import ADAPTER, CHOSEN_IDS, FINAL, PAIR_COLUMNS, PROMPT_IDS, REJECTED_IDS, RunPaths
 
 
 def resolve_model_path(cfg: Config) -> str:
@@ -62,7 +62,7 @@ def build_model(cfg: Config, model_path: str, dtype):
     """transformers causal LM (safetensors only), LoRA-wrapped when cfg.model.lora.enabled."""
     from transformers import AutoModelForCausalLM
 
-    from cpo_ray.batch import VARLEN_ATTENTION
+    from cpo_ray.attention import VARLEN_ATTENTION
 
     m = cfg.model
     kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code, "use_safetensors": True}
@@ -101,7 +101,9 @@ def lr_lambda(t: TrainConfig, total_steps: int):
     return f
 
 
-def deepspeed_config(cfg: Config, world: int, bf16: bool, clip_in_loop: bool = False) -> dict:
+def deepspeed_config(cfg: Config, world: int, dtype: str, clip_in_loop: bool = False) -> dict:
+    """DeepSpeed's config for a client AdamW over fp32 weights. dtype "bfloat16"/"float16": DeepSpeed casts
+    the module and keeps fp32 master weights and optimizer state; fp16 adds dynamic loss scaling."""
     t = cfg.train
     zero: dict = {"stage": t.zero_stage}
     if t.offload_optimizer:
@@ -117,7 +119,9 @@ def deepspeed_config(cfg: Config, world: int, bf16: bool, clip_in_loop: bool = F
         # ZeRO-0 fp32: the loop clips (DeepSpeed's fp32 clip discards the norm it computes)
         "gradient_clipping": 0.0 if clip_in_loop else t.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        # loss_scale 0 = dynamic: start at 2^16, halve on overflow (that step is skipped), grow after 1000 clean steps
+        "fp16": {"enabled": dtype == "float16", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000},
         # A client torch AdamW: DeepSpeed's own CPU Adam compiles a C++ op for minutes on first use.
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
@@ -125,17 +129,59 @@ def deepspeed_config(cfg: Config, world: int, bf16: bool, clip_in_loop: bool = F
     }
 
 
-def build_engine(cfg: Config, model_path: str, world: int, total_steps: int, use_gpu: bool):
-    """Model -> client AdamW + LR schedule -> DeepSpeed engine. Returns (engine, scheduler, clip_in_loop)."""
+def verify_logps(model, collate, atol: float = 1e-4) -> float:
+    """Start-up check: the trainer's packed, response-only-head log-probs of a probe batch equal
+    log_softmax(model(ids).logits) at the real tokens, one sequence at a time. Raises naming the architecture
+    otherwise (a head transform or an attention feature cpo-ray does not reproduce). Returns the max error."""
+    import numpy as np
+    import torch
+
+    from cpo_ray.batch import sequence_logps
+    from cpo_ray.heads import _hf
+
+    hf = _hf(model)
+    vocab = hf.config.get_text_config().vocab_size
+    rng = np.random.default_rng(0)
+    obj = lambda xs: np.array([*xs, None], dtype=object)[:-1]  # noqa: E731
+    lens = [(7, 5, 3), (4, 2, 6)]  # (prompt, chosen, rejected) tokens per pair
+    batch = {k: obj(rng.integers(3, vocab, n[i]) for n in lens) for i, k in enumerate(PAIR_COLUMNS)}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        got, _ = sequence_logps(model, collate(batch))
+        want = []
+        for side in (CHOSEN_IDS, REJECTED_IDS):
+            for p, r in zip(batch[PROMPT_IDS], batch[side], strict=True):
+                ids = torch.from_numpy(np.concatenate([p, r]))[None].to(next(model.parameters()).device)
+                logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+                pos = torch.arange(len(p), ids.shape[1], device=ids.device)
+                want.append(logp[pos - 1, ids[0, pos]].sum())
+    model.train(was_training)
+    err = float((got.cpu() - torch.stack(want).cpu()).abs().max())
+    if not err <= atol * sum(sum(x) for x in lens):
+        raise ValueError(
+            f"{type(hf).__name__} ({hf.config.model_type}): cpo-ray's packed log-probs differ from the model's own "
+            f"forward by {err:.3g} nats on a probe batch; its head or attention does something cpo-ray does not "
+            "reproduce. Try model.attn_implementation: sdpa, or train.packing: false"
+        )
+    return err
+
+
+def build_engine(cfg: Config, model_path: str, world: int, total_steps: int, use_gpu: bool, pad_id: int):
+    """Model -> collate (+ the start-up log-prob check) -> client AdamW + LR schedule -> DeepSpeed engine
+    around PairScorer. Returns (engine, scheduler, clip_in_loop, collate)."""
     import deepspeed
     import torch
 
+    from cpo_ray.batch import PairScorer, collate_for
     from cpo_ray.compat import skip_deepspeed_shm_comm_build
 
     t = cfg.train
     dtype = torch_dtype(cfg, use_gpu)
-    # bf16 trains from fp32 weights: DeepSpeed casts the module and keeps fp32 master weights.
-    model = build_model(cfg, model_path, torch.float32 if dtype == torch.bfloat16 else dtype)
+    # bf16/fp16 train from fp32 weights: DeepSpeed casts the module and keeps fp32 master weights.
+    model = build_model(cfg, model_path, torch.float32)
+    collate = collate_for(t.packing, cfg.model.attn_implementation, model, pad_id)
+    verify_logps(model, collate)
     params = [p for p in model.parameters() if p.requires_grad]
     clip_in_loop = t.zero_stage == 0 and dtype == torch.float32 and t.max_grad_norm > 0
     # fused: one kernel over all tensors; on CPU ~5x faster than the per-tensor loop (27M params:
@@ -144,13 +190,29 @@ def build_engine(cfg: Config, model_path: str, world: int, total_steps: int, use
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, total_steps))
     skip_deepspeed_shm_comm_build()
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
+        model=PairScorer(model),
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, dtype == torch.bfloat16, clip_in_loop),
+        config=deepspeed_config(cfg, world, str(dtype).removeprefix("torch."), clip_in_loop),
         dist_init_required=False,
     )
-    return engine, scheduler, clip_in_loop
+    return engine, scheduler, clip_in_loop, collate
+
+
+def apply_hparams(engine, t: TrainConfig) -> dict:
+    """After a resume: the checkpoint restored the optimizer's lr, betas and weight decay (and ZeRO-1/2 its
+    clipping) from the old run. The config wins; returns {name: (old, new)} of what changed."""
+    sched, groups = engine.lr_scheduler, engine.optimizer.param_groups
+    old = {"lr": sched.base_lrs[0], "adam_betas": tuple(groups[0]["betas"]), "weight_decay": groups[0]["weight_decay"]}
+    new = {"lr": t.lr, "adam_betas": tuple(t.adam_betas), "weight_decay": t.weight_decay}
+    for g, lam in zip(groups, sched.lr_lambdas, strict=True):
+        g.update(
+            initial_lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay, lr=t.lr * lam(sched.last_epoch)
+        )
+    sched.base_lrs = [t.lr] * len(groups)  # LambdaLR: lr = base_lr x lambda(step) from the next step on
+    if getattr(engine.optimizer, "clip_grad", None) not in (None, 0.0):  # ZeRO-1/2 restore the old clip
+        engine.optimizer.clip_grad = t.max_grad_norm
+    return {k: (old[k], new[k]) for k in old if old[k] != new[k]}
 
 
 def export_model(engine, cfg: Config, model_path: str, out_dir: Path, rank: int) -> None:
@@ -163,12 +225,12 @@ def export_model(engine, cfg: Config, model_path: str, out_dir: Path, rank: int)
     from cpo_ray.compat import zero3_full_state_dict
 
     if cfg.train.zero_stage == 3:
-        state = zero3_full_state_dict(engine)  # collective; None off rank 0
+        state = zero3_full_state_dict(engine)  # collective; None off rank 0 (keys of the PairScorer root)
     else:
         state = engine.module.state_dict() if rank == 0 else None
     if rank != 0:
         return
-    state = {k: v.detach().cpu() for k, v in state.items()}
+    state = {k.removeprefix("model."): v.detach().cpu() for k, v in state.items()}  # PairScorer's .model
     # A fresh copy of the base in its own dtype (a bf16 model exports as bf16, not a 2x fp32 copy),
     # given the same peft structure as the trained module, so the gathered state loads key for key.
     model = AutoModelForCausalLM.from_pretrained(

@@ -7,13 +7,21 @@ A row stores the prompt once and each response once (token ids as int32 lists):
     rejected_ids  rejected response + EOS
 
 A training sequence is prompt_ids + chosen_ids; only the response tokens are scored, on their REAL ids
-(cpo_ray.batch never builds a labels tensor: it gathers the response positions). Prompt and response are
-tokenized separately and joined, so the scored tokens are exactly those a server sees when it is sent the
-same ids.
+(cpo_ray.batch never builds a labels tensor: it gathers the response positions).
 
-Truncation to max_length per sequence: the prompt loses its start first (keep the end, nearest the
-answer) down to half the budget, then the responses lose their ends; a response is never emptied, and
-a pair whose responses become identical is a RowError, never a silent drop.
+Boundaries. Each response is tokenized TOGETHER with its prompt (TRL's rule): prompt_ids + chosen_ids is the
+tokenizer's own encoding of prompt + chosen, so a SentencePiece/Metaspace tokenizer does not put a scored
+"▁" in front of every response, as encoding the response alone would. The split point is the longest
+token prefix that the prompt's own encoding and BOTH joint encodings share: normally the whole prompt. Where
+a merge crosses the boundary (a prompt ending in " " followed by "yes" encodes as " yes"), the merged token
+belongs to the response, as in TRL; the stored prompt then ends one token earlier, and prompt + response is
+still exactly the joint encoding (counted in prepare_report.json as boundary_merges).
+
+Truncation to max_length per sequence: the prompt loses tokens from its start first (keep the end, nearest
+the answer) down to half the budget, but keeps its head: BOS and, with a chat template, the template's
+opening (system message and first role marker), so a cut prompt still starts the way every prompt does at
+inference. Then the responses lose their ends; a response is never emptied, and a pair whose responses
+become identical is a RowError, never a silent drop.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class Special:
     bos_id: int | None
     eos_id: int
     adds_bos: bool  # tokenizer(text) prepends BOS by itself
+    head_ids: tuple[int, ...] = ()  # what every prompt starts with: BOS and/or the chat template's opening
 
     @classmethod
     def of(cls, tokenizer) -> Special:
@@ -46,35 +55,72 @@ class Special:
             raise ValueError("tokenizer has no eos_token: responses could not be terminated")
         bos = tokenizer.bos_token_id
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-        return cls(bos_id=bos, eos_id=tokenizer.eos_token_id, adds_bos=bos is not None and probe[:1] == [bos])
+        adds_bos = bos is not None and probe[:1] == [bos]
+        head = _template_head(tokenizer)
+        if adds_bos and head[:1] != [bos]:
+            head = [bos, *head]
+        return cls(bos_id=bos, eos_id=tokenizer.eos_token_id, adds_bos=adds_bos, head_ids=tuple(head))
 
 
-def encode_prompts(tokenizer, prompts: list[str], special: Special) -> list[list[int]]:
-    """Prompt ids with BOS as the tokenizer expects, never doubled when a chat template put it in the text."""
-    out = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    if special.adds_bos:
-        out = [ids if ids[:1] == [special.bos_id] else [special.bos_id, *ids] for ids in out]
+def _template_head(tokenizer) -> list[int]:
+    """Ids of what the chat template renders before the first user message's text ([] without a template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    mark = "cpo-ray-head-marker"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
+    except Exception:
+        return []
+    if mark not in text:
+        return []
+    return tokenizer(text[: text.index(mark)], add_special_tokens=False)["input_ids"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _terminated(tokenizer, texts: list[str]) -> list[str]:
+    """A chat template ends an assistant turn with its own EOS text (maybe plus a newline): keep that EOS
+    as the last scored token instead of appending a second one after the newline."""
+    eos = tokenizer.eos_token
+    return [t.rstrip() if eos and t.rstrip().endswith(eos) else t for t in texts]
+
+
+def encode_pairs(tokenizer, special: Special, prompts: list[str], chosens: list[str], rejecteds: list[str]):
+    """(prompt_ids, chosen_ids, rejected_ids, merged) per row: responses encoded jointly with their prompt and
+    split at the longest prefix the three encodings share (see the module docstring); EOS ends each response,
+    BOS starts the prompt when the tokenizer adds one (never doubled when a chat template put it in the text)."""
+    chosens, rejecteds = _terminated(tokenizer, chosens), _terminated(tokenizer, rejecteds)
+    n = len(prompts)
+    enc = tokenizer([*prompts, *(p + c for p, c in zip(prompts, chosens, strict=True)), *(p + r for p, r in zip(prompts, rejecteds, strict=True))], add_special_tokens=False)["input_ids"]  # fmt: skip
+    out = []
+    for p, pc, pr in zip(enc[:n], enc[n : 2 * n], enc[2 * n :], strict=True):
+        k = min(_common_prefix(p, pc), _common_prefix(p, pr))
+        prompt, chosen, rejected = p[:k], pc[k:], pr[k:]
+        chosen = chosen if chosen[-1:] == [special.eos_id] else [*chosen, special.eos_id]
+        rejected = rejected if rejected[-1:] == [special.eos_id] else [*rejected, special.eos_id]
+        if special.adds_bos and prompt[:1] != [special.bos_id]:
+            prompt = [special.bos_id, *prompt]
+        out.append((prompt, chosen, rejected, k < len(p)))
     return out
 
 
-def encode_responses(tokenizer, texts: list[str], special: Special) -> list[list[int]]:
-    # A chat template ends an assistant turn with its own EOS text (maybe plus a newline): keep that
-    # EOS as the last scored token instead of appending a second one after the newline.
-    eos = tokenizer.eos_token
-    texts = [t.rstrip() if eos and t.rstrip().endswith(eos) else t for t in texts]
-    out = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [ids if ids[-1:] == [special.eos_id] else [*ids, special.eos_id] for ids in out]
+def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, keep_head: int = 0):
+    """Fit prompt+chosen and prompt+rejected into max_length; returns the three lists (maybe shorter).
 
-
-def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int):
-    """Fit prompt+chosen and prompt+rejected into max_length; returns the three lists (maybe shorter)."""
+    The first `keep_head` prompt tokens (BOS, the chat template's opening) survive a cut prompt when the
+    budget leaves room for them and at least one token of the prompt's end."""
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_length:
         return prompt, chosen, rejected
     # Cut the prompt from the left first, but not below half the budget: an answer scored with no
     # context teaches nothing, so past that point the responses lose their ends instead.
     keep_prompt = max(max_length - longest, min(len(prompt), max_length // 2))
-    prompt = prompt[len(prompt) - keep_prompt :]
+    if keep_prompt < len(prompt):
+        head = keep_head if keep_head < keep_prompt else 0
+        prompt = prompt[:head] + prompt[len(prompt) - (keep_prompt - head) :]
     room = max_length - len(prompt)
     chosen, rejected = chosen[:room], rejected[:room]
     if chosen == rejected:
@@ -86,11 +132,8 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
 
 def tokenize_batch(tokenizer, special: Special, prompts, chosens, rejecteds, max_length: int):
     """Tokenize parallel lists; returns (rows, errors) where errors[i] is None or a RowError."""
-    p_ids = encode_prompts(tokenizer, prompts, special)
-    c_ids = encode_responses(tokenizer, chosens, special)
-    r_ids = encode_responses(tokenizer, rejecteds, special)
     rows, errors = [], []
-    for p, c, r in zip(p_ids, c_ids, r_ids, strict=True):
+    for p, c, r, merged in encode_pairs(tokenizer, special, list(prompts), list(chosens), list(rejecteds)):
         try:
             if not p:
                 raise RowError(
@@ -99,8 +142,11 @@ def tokenize_batch(tokenizer, special: Special, prompts, chosens, rejecteds, max
             if c == r:
                 raise RowError(Reject.IDENTICAL_RESPONSES, "chosen and rejected tokenize identically", "rejected")
             full = len(p) + max(len(c), len(r))
-            p, c, r = truncate_pair(p, c, r, max_length)
-            rows.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "truncated": full > max_length})
+            keep_head = _common_prefix(p, list(special.head_ids))
+            p, c, r = truncate_pair(p, c, r, max_length, keep_head)
+            rows.append(
+                {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "truncated": full > max_length, "merged": merged}
+            )
             errors.append(None)
         except RowError as e:
             rows.append(None)

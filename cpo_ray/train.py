@@ -15,11 +15,11 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
 
-from cpo_ray.batch import collate_for
 from cpo_ray.config import Config
 from cpo_ray.contract import (
     ADAPTER,
@@ -63,8 +63,8 @@ class WorkerRun:
         self.pad_id = load_tokenizer(self.model_path, cfg.model.trust_remote_code).pad_token_id or 0
 
         use_gpu = t.use_gpu and torch.cuda.is_available()
-        self.engine, self.scheduler, self.clip_in_loop = build_engine(
-            cfg, self.model_path, self.world, self.total, use_gpu
+        self.engine, self.scheduler, self.clip_in_loop, self.collate = build_engine(
+            cfg, self.model_path, self.world, self.total, use_gpu, self.pad_id
         )
         self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
         # ZeRO-0 data parallel: our overlapped all-reduce replaces DeepSpeed's post-backward one (fp32
@@ -73,14 +73,14 @@ class WorkerRun:
         if t.overlap_grad_sync and t.zero_stage == 0 and self.world > 1 and torch_dtype(cfg, use_gpu) == torch.float32:
             self.grad_sync = OverlappedGradSync(self.engine.module.parameters(), self.world)
             disable_deepspeed_backward_allreduce(self.engine)
-        self.state = _resume(self.engine, self.paths, self.rank)
-        self.collate = collate_for(cfg.train.packing, cfg.model.attn_implementation, self.engine.module, self.pad_id)
+        self.state = _resume(self.engine, self.paths, self.rank, t, self.total)
         # The same answer on every rank (ZeRO-3 scoring is collective): is there a held-out split?
         self.has_heldout = any(self.paths.split_dir(EVAL).glob("*.parquet"))
         self.heldout_rows = load_heldout_rows(self.paths.split_dir(EVAL), self.rank, self.world)
-        # [metric sums..., tokens, per-rank forward+backward seconds x world]: one all_reduce per step;
-        # kept across epochs, as is DeepSpeed's accumulation, when a step spans an epoch boundary.
-        self.sums = torch.zeros(len(METRIC_KEYS) + 1 + self.world, dtype=torch.float64, device=self.engine.device)
+        # [metric sums..., tokens, per-rank forward+backward seconds x world, per-rank data digest x world]:
+        # one all_reduce per step; kept across epochs, as is DeepSpeed's accumulation, when a step spans an
+        # epoch boundary.
+        self.sums = torch.zeros(len(METRIC_KEYS) + 1 + 2 * self.world, dtype=torch.float64, device=self.engine.device)
         # Seconds per phase of this rank's step (summed over micro-batches): data wait + collate, forward +
         # loss, backward (DeepSpeed's own gradient reduction included), the wait for our overlapped
         # all-reduce (ZeRO-0), optimizer step, metrics all-reduce.
@@ -154,6 +154,8 @@ class WorkerRun:
         n_m = len(METRIC_KEYS)
         self.sums[:n_m] += torch.stack([m[k].double() for k in METRIC_KEYS])
         self.sums[n_m] += batch["tokens"]
+        # Which pairs this rank trained: a CRC of the micro-batch's token ids (exact in float64 when summed).
+        self.sums[n_m + 1 + self.world + self.rank] += zlib.crc32(batch["input_ids"].numpy().tobytes())
         return boundary
 
     def step_metrics(self, step: int) -> dict:
@@ -176,7 +178,9 @@ class WorkerRun:
         metrics["tokens"] = int(sums[n_m].item())  # non-pad tokens of this step, all workers
         metrics["tokens_per_s"] = sums[n_m].item() / max(now - self.window_t, 1e-9)
         # Straggler view: each rank's forward+backward compute; the spread is what ranks wait for.
-        metrics["time/rank_compute_s"] = [round(x, 4) for x in sums[n_m + 1 :].tolist()]
+        metrics["time/rank_compute_s"] = [round(x, 4) for x in sums[n_m + 1 : n_m + 1 + self.world].tolist()]
+        # Per rank, a digest of the token ids it trained this step: equal digests = the same pairs (resume checks).
+        metrics["data/digest"] = [int(x) for x in sums[n_m + 1 + self.world :].tolist()]
         metrics.update({k: round(v, 4) for k, v in self.phase.items()})  # rank 0's phases
         self.phase = dict.fromkeys(PHASE_KEYS, 0.0)
         sums.zero_()
@@ -189,7 +193,7 @@ class WorkerRun:
         if not self.has_heldout:
             return {}
         scores, per_pair = score_heldout(
-            self.engine, self.heldout_rows, self.t.micro_batch_size, self.pad_id, self.world
+            self.engine, self.heldout_rows, self.t.eval_batch_size, self.collate, self.pad_id, self.world
         )
         if self.rank == 0 and per_pair:
             self.paths.heldout_scores.write_text(json.dumps({"step": step, **scores, "pairs": per_pair}))
@@ -221,10 +225,8 @@ class WorkerRun:
 
 
 def _cpo_forward(engine, batch: dict, t):
-    """One packed forward of the micro-batch's 2B sequences -> (loss, detached metrics)."""
-    from cpo_ray.batch import sequence_logps
-
-    logp, count = sequence_logps(engine, batch)
+    """One packed forward of the micro-batch's 2B sequences (through DeepSpeed's root) -> (loss, metrics)."""
+    logp, count = engine(batch)
     b = batch["num_seqs"] // 2
     return cpo_objective(
         logp[:b],
@@ -240,26 +242,40 @@ def _cpo_forward(engine, batch: dict, t):
     )
 
 
-def _resume(engine, paths: RunPaths, rank: int) -> dict:
-    """DeepSpeed state (weights, optimizer, scheduler) + our step and data position from Ray Train's
-    latest checkpoint; a new run (no checkpoint) starts its own metrics and events files."""
+def _resume(engine, paths: RunPaths, rank: int, t, total: int) -> dict:
+    """DeepSpeed state (weights, optimizer, scheduler) + our step and data position from Ray Train's latest
+    checkpoint. The config's lr, betas, weight decay, clipping and step budget win over the checkpoint's; what
+    changed is recorded in events.jsonl, with the steps whose metrics are discarded (they train again, on the
+    same pairs: their data digests must repeat). A new run starts its own metrics and events files."""
     import ray.train
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    from cpo_ray.model import apply_hparams
+
+    hparams = {"total_steps": total, "max_grad_norm": t.max_grad_norm}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "hparams": hparams}
     ckpt = ray.train.get_checkpoint()
+    changed = {}
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag="ckpt")
             state = json.loads((Path(d) / CHECKPOINT_STATE).read_text())
+        changed = apply_hparams(engine, t)
+        saved = state.get("hparams", {})
+        changed |= {k: (saved.get(k), v) for k, v in hparams.items() if saved.get(k) != v}
+        state["hparams"] = hparams
     if rank == 0:
         paths.output_dir.mkdir(parents=True, exist_ok=True)
         if not ckpt:
             paths.metrics.unlink(missing_ok=True)
             paths.events.unlink(missing_ok=True)
         else:  # restarts (worker or driver crash, or a longer re-run) are recorded, not just printed
-            _truncate_metrics(paths.metrics, state["step"])
+            replayed = _truncate_metrics(paths.metrics, state["step"])
             _say(f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-            _append(paths.events, {"event": "resume", "time": time.time(), **state})
+            if changed:
+                _say(f"[cpo-ray] resumed with new settings (old, new): {changed}")
+            keep = ("step", "loss", "data/digest")
+            event = {"event": "resume", "time": time.time(), **state, "changed": changed}
+            _append(paths.events, event | {"replayed": [{k: r.get(k) for k in keep} for r in replayed]})
     return state
 
 
@@ -283,24 +299,31 @@ def _progress(m: dict, step: int, total: int, start: float, start_step: int) -> 
     )
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines past the checkpoint: those steps are trained again."""
+def _truncate_metrics(path: Path, step: int) -> list[dict]:
+    """On resume, drop metric lines past the checkpoint (those steps train again); returns the dropped ones."""
     if not path.exists():
-        return
+        return []
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step and not r.get("final")))
+    keep = [r for r in rows if r.get("step", 0) <= step and not r.get("final")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    return [r for r in rows if r.get("step", 0) > step and "loss" in r and not r.get("final")]
 
 
 def run_training(cfg: Config, model_path: str):
     """Driver: TorchTrainer over the tokenized train stream; copies the export into cfg.output_dir."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from transformers import AutoConfig
 
     from cpo_ray.data import count_rows, train_stream
+    from cpo_ray.heads import check_architecture
     from cpo_ray.stream import total_steps
 
     cfg = RunPaths.anchored(cfg)
     t, paths = cfg.train, RunPaths.of(cfg)
+    hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    check_architecture(hf_config, t.packing, cfg.model.attn_implementation)  # before any worker starts
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
@@ -316,6 +339,9 @@ def run_training(cfg: Config, model_path: str):
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
         datasets={TRAIN: train_stream(paths.split_dir(TRAIN))},
+        # Ray Data in order: every run (and every restart) splits the same blocks to the same ranks in the same
+        # order, so resuming skips exactly the micro-batches trained before the checkpoint.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     t0 = time.time()
     result = trainer.fit()

@@ -42,3 +42,80 @@ def ray_local():
     yield ctx
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+CORPUS = [
+    "Q: Is the sky blue? A: yes it is. Q: Is grass red? A: no it is not.",
+    "[INST] hi there [/INST] yo, hello! Sure, here you go. [INST] thanks [/INST] You are welcome.",
+    "User: write seven in words Assistant: seven. User: write twelve Assistant: twelve.",
+] * 20
+
+
+def _fast(tok, bos="<s>", eos="</s>", pad="<pad>", chat_template=None):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer():
+    """A Llama-2-style SentencePiece tokenizer (Metaspace pre-tokenizer, dummy prefix on the first word),
+    BPE-trained here on a toy corpus: encoding a response alone puts a scored "▁" in front of it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return _fast(tok)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A GPT-2-style byte-level BPE (regex pre-tokenizer: " yes" is one pre-token) trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    template = (
+        "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|system|>\nBe brief.\n{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    return _fast(tok, chat_template=template)
+
+
+@pytest.fixture(scope="session")
+def deepspeed_world1():
+    """torch.distributed with one gloo rank in this process, so DeepSpeed engines can be built in a test."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    from cpo_ray.compat import skip_deepspeed_shm_comm_build
+
+    skip_deepspeed_shm_comm_build()
+    return 1

@@ -122,7 +122,8 @@ def test_varlen_one_row_equals_padded(tiny_model_dir, seed):
     """One padding-free row + per-sequence causal attention: the same log-probs as padding."""
     from transformers import AutoModelForCausalLM
 
-    from cpo_ray.batch import VARLEN_ATTENTION, collate_varlen, use_varlen_attention
+    from cpo_ray.attention import VARLEN_ATTENTION, use_varlen_attention
+    from cpo_ray.batch import collate_varlen
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     batch = random_batch(seed, pairs=5)
@@ -143,7 +144,8 @@ def test_varlen_attention_keeps_sequences_apart(tiny_model_dir):
     """Changing one sequence must not move another's log-prob (no attention across the boundary)."""
     from transformers import AutoModelForCausalLM
 
-    from cpo_ray.batch import collate_varlen, use_varlen_attention
+    from cpo_ray.attention import use_varlen_attention
+    from cpo_ray.batch import collate_varlen
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     use_varlen_attention(m)
@@ -161,7 +163,8 @@ def test_varlen_gradients_equal_padded(tiny_model_dir):
     """Training sees the same gradients through the per-sequence attention as through padding."""
     from transformers import AutoModelForCausalLM
 
-    from cpo_ray.batch import collate_varlen, use_varlen_attention
+    from cpo_ray.attention import use_varlen_attention
+    from cpo_ray.batch import collate_varlen
 
     batch = random_batch(11, pairs=3)
     grads = []
@@ -177,16 +180,37 @@ def test_varlen_gradients_equal_padded(tiny_model_dir):
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-4, rtol=1e-4, msg=n)
 
 
-def test_varlen_attention_refuses_what_it_does_not_implement():
-    """Sliding windows, logit soft-capping and attention sinks need their own kernels: a loud error, not
-    silently different attention."""
-    from cpo_ray.batch import varlen_sdpa
+def _eager(q, k, v, window=None, softcap=None):
+    """Hand-written reference: scores, tanh soft-cap, causal (+ window) mask, softmax, one sequence."""
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+    ok = (j <= i) & ((i - j < window) if window else True)
+    return torch.softmax(scores.masked_fill(~ok, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (3, None), (None, 2.0), (4, 1.5)])
+def test_varlen_attention_sliding_window_and_softcap(window, softcap):
+    """Per packed sequence: the window counts back from each query (self included), soft-capping squashes the
+    scores before the mask; no query attends across the boundary at 5."""
+    from cpo_ray.attention import varlen_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 4) for _ in range(3))
+    mod = torch.nn.Module().eval()
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    out, _ = varlen_attention(mod, q, k, v, None, cu_seq_lens_q=cu, sliding_window=window, softcap=softcap)
+    want = torch.cat(
+        [_eager(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], window, softcap) for a, b in ((0, 5), (5, 12))], 2
+    )
+    torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=0)
+
+
+def test_varlen_attention_refuses_attention_sinks():
+    """Attention sinks need their own kernel: a loud error, not silently different attention."""
+    from cpo_ray.attention import varlen_attention
 
     q = torch.zeros(1, 2, 6, 4)
-    mod = torch.nn.Module()
-    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
-    for kw in ({"sliding_window": 4}, {"softcap": 30.0}, {"s_aux": torch.zeros(2)}):
-        with pytest.raises(NotImplementedError, match="attn_implementation"):
-            varlen_sdpa(mod, q, q, q, None, cu_seq_lens_q=cu, **kw)
-    out, _ = varlen_sdpa(mod, q, q, q, None, cu_seq_lens_q=cu, sliding_window=None)
-    assert out.shape == (1, 6, 2, 4)
+    with pytest.raises(NotImplementedError, match="attn_implementation"):
+        varlen_attention(torch.nn.Module(), q, q, q, None, cu_seq_lens_q=torch.tensor([0, 3, 6]), s_aux=torch.zeros(2))

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cpo_ray.batch import PairScorer
 from cpo_ray.config import load_config
 from cpo_ray.model import build_model, export_model
 
@@ -28,7 +29,7 @@ def test_export_merged_matches_trained_module(tiny_model_dir, tmp_path, over):
         for p in module.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    export_model(SimpleNamespace(module=module), cfg, tiny_model_dir, tmp_path, rank=0)
+    export_model(SimpleNamespace(module=PairScorer(module)), cfg, tiny_model_dir, tmp_path, rank=0)  # as trained
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
     ids = torch.tensor([[1, 40, 50, 60, 70, 80]])
     module.eval()

@@ -81,6 +81,14 @@ def check_recovered(out: Path, killed_at: int, every: int = 5, max_steps: int = 
     resumed = events[-1]["step"]
     assert resumed % every == 0 and 0 < resumed <= killed_at
     assert killed_at - resumed < every + 2  # steps trained twice: only those after the last checkpoint
+    # Exact resume: the steps trained again saw the same pairs on the same ranks (data digests) and, from the
+    # restored weights and optimizer state, computed the same losses as before the crash.
+    replayed = events[-1]["replayed"]
+    assert replayed and [r["step"] for r in replayed] == list(range(resumed + 1, resumed + 1 + len(replayed)))
+    again = {r["step"]: r for r in rows}
+    for r in replayed:
+        assert r["data/digest"] == again[r["step"]]["data/digest"], r["step"]
+        assert r["loss"] == pytest.approx(again[r["step"]]["loss"], abs=1e-5), r["step"]
     assert (out / "final" / "model.safetensors").exists()
     return {"killed_at": killed_at, "resumed_from": resumed, "retrained": killed_at - resumed}
 

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from cpo_ray.config import DataConfig
 from cpo_ray.contract import Reject
-from cpo_ray.data import OUT_SCHEMA, DataError, Tokenize, read_file
+from cpo_ray.data import OUT_SCHEMA, DataError, Tokenize, _ArrayReader, read_file
 from cpo_ray.tokenize import RowError
 
 MAX_LEN = 96  # small, so generated text is truncated often
@@ -636,3 +636,52 @@ def test_damaged_parquet_error_or_counted(udf, workdir, good_parquet, edits, cut
         assert str(path) in str(e)
         return
     check_rows(rows, [f"{path}:row{i}" for i in range(1, len(rows) + 1)])
+
+
+# ---------------------------------------------------------------------------------------------- JSON arrays
+
+
+def _json_array(workdir: Path, records: list, gz: bool, indent) -> Path:
+    path = _file(workdir, ".json.gz" if gz else ".json")
+    text = json.dumps(records, indent=indent).encode()
+    path.write_bytes(gzip.compress(text) if gz else text)
+    return path
+
+
+@FEW
+@given(
+    records=st.lists(st.one_of(valid_record(), fuzz_record, json_values), max_size=30),
+    gz=st.booleans(),
+    indent=st.sampled_from([None, 2]),
+)
+def test_fuzzed_json_array_every_record_accounted(udf, workdir, records, gz, indent):
+    """A .json file holding [ {...}, ... ] is read as records (streamed), numbered record1.. in rejects."""
+    try:
+        json.dumps(records, allow_nan=False)
+    except ValueError:
+        return  # NaN/Infinity: not JSON
+    path = _json_array(workdir, records, gz, indent)
+    note(check_rows(run_file(udf, path), [f"{path}:record{i}" for i in range(1, len(records) + 1)]))
+
+
+def test_json_array_and_jsonl_in_a_json_file(udf, workdir, monkeypatch):
+    good = {"prompt": "q", "chosen": "yes", "rejected": "no"}
+    path = _json_array(workdir, [good, {"prompt": "q", "chosen": 5, "rejected": "x"}, "not an object", good], False, 2)
+    rows = run_file(udf, path)
+    assert [r["reason"] for r in rows] == [None, "not_string", "not_an_object", None]
+    assert rows[1]["source"] == f"{path}:record2"
+    monkeypatch.setattr(_ArrayReader, "CHUNK", 3)  # records cut across many read chunks: the same rows
+    assert run_file(udf, path) == rows
+    bad = _file(workdir, ".json")  # bytes that are not UTF-8 inside one record: that record only
+    bad.write_bytes(b'[{"prompt": "q", "chosen": "\xff", "rejected": "b"}, ' + json.dumps(good).encode() + b"]")
+    assert [r["reason"] for r in run_file(udf, bad)] == ["bad_encoding", None]
+    jsonl = _file(workdir, ".json")  # JSONL that happens to be named .json still reads line by line
+    jsonl.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    assert [r["source"] for r in run_file(udf, jsonl)] == [f"{jsonl}:1", f"{jsonl}:2"]
+
+
+def test_broken_json_array_is_a_clear_error_naming_the_record(udf, workdir):
+    path = _file(workdir, ".json")
+    path.write_text('[{"prompt": "q", "chosen": "a", "rejected": "b"},\n {"prompt": "q", "chosen": ')
+    with pytest.raises(DataError, match=r"\.json: not a valid JSON array after record 1"):
+        run_file(udf, path)

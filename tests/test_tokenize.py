@@ -68,3 +68,62 @@ def test_pairs_that_cannot_be_kept_are_rejected_with_reason(tokenizer):
     with pytest.raises(RowError) as e:
         row(tokenizer, "prompt", "abcdefgh-1", "abcdefgh-2", max_length=8)
     assert e.value.reason == "identical_after_truncation"
+
+
+def _joint(tok, text):
+    return tok(text, add_special_tokens=True)["input_ids"]
+
+
+def test_responses_tokenized_with_their_prompt_metaspace(metaspace_tokenizer):
+    """SentencePiece/Metaspace: a response encoded alone gets a dummy-prefix "▁" the model never sees after
+    the prompt; the stored ids are the tokenizer's own encoding of prompt + response."""
+    tok = metaspace_tokenizer
+    p, c, r = "[INST] hi there [/INST]", "yo, hello!", "no"
+    out = row(tok, p, c, r)
+    eos = tok.eos_token_id
+    assert out["prompt_ids"] + out["chosen_ids"] == _joint(tok, p + c) + [eos]
+    assert out["prompt_ids"] + out["rejected_ids"] == _joint(tok, p + r) + [eos]
+    assert out["prompt_ids"] == _joint(tok, p)  # no merge here: the prompt is its own encoding
+    alone = tok(c, add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(alone)[0].startswith("▁")  # what encoding it alone would have scored
+    assert out["chosen_ids"][:-1] != alone
+
+
+def test_boundary_merge_goes_to_the_response(bpe_tokenizer):
+    """Byte-level BPE: a prompt ending in a space followed by "yes" encodes as " yes" jointly. Rule (TRL's):
+    the merged token belongs to the response; the prompt ends one token earlier; both sequences are still
+    exactly the joint encodings, and the row says it merged."""
+    tok = bpe_tokenizer
+    p, c, r = "Q: Is the sky blue? A: ", "yes it is.", "no it is not."
+    rows, errs = tokenize_batch(tok, Special.of(tok), [p], [c], [r], 64)
+    out = rows[0]
+    eos = tok.eos_token_id
+    assert out["merged"] and out["prompt_ids"] == _joint(tok, p)[:-1]  # the trailing " " moved
+    assert tok.convert_ids_to_tokens(out["chosen_ids"])[0] == "Ġyes"
+    assert out["prompt_ids"] + out["chosen_ids"] == _joint(tok, p + c) + [eos]
+    assert out["prompt_ids"] + out["rejected_ids"] == _joint(tok, p + r) + [eos]
+    plain = row(tok, p.rstrip(), " " + c, " " + r)  # the same text split at a pre-token boundary: no merge
+    assert not plain["merged"] and plain["chosen_ids"] == out["chosen_ids"]
+
+
+def test_truncation_keeps_bos_and_the_chat_templates_head(bpe_tokenizer, tokenizer):
+    """A cut prompt still starts like every prompt at inference: BOS + the template's system turn + the
+    first role marker; what goes is the oldest conversation text after them."""
+    tok = bpe_tokenizer
+    msgs = [{"role": "user", "content": "write seven in words " * 12}]
+    p = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    c, r = "seven" + tok.eos_token, "twelve" + tok.eos_token
+    special = Special.of(tok)
+    head = list(special.head_ids)
+    assert head[0] == tok.bos_token_id and tok.decode(head[1:]) == "<|system|>\nBe brief.\n<|user|>\n"
+    full = row(tok, p, c, r, max_length=4096)
+    short = row(tok, p, c, r, max_length=48)
+    assert short["truncated"] and len(short["prompt_ids"]) + len(short["chosen_ids"]) <= 48
+    assert short["prompt_ids"][: len(head)] == head  # the head survived
+    tail = len(short["prompt_ids"]) - len(head)
+    assert short["prompt_ids"][len(head) :] == full["prompt_ids"][-tail:]  # then the prompt's end
+    assert tok.decode(short["prompt_ids"]).endswith("<|assistant|>\n")
+    # A raw-text prompt (no template) keeps its BOS: the embedded byte tokenizer, HH-style text.
+    cut = row(tokenizer, "\n\nHuman: " + "tell me more " * 10 + "\n\nAssistant:", " Sure.", " No.", max_length=24)
+    assert cut["truncated"] and cut["prompt_ids"][0] == tokenizer.bos_token_id
+    assert tokenizer.decode(cut["prompt_ids"][1:]).endswith("Assistant:")

@@ -147,21 +147,40 @@ def test_resume_continues_step_optimizer_and_schedule(ray_local, tmp_path):
         "train.zero_stage=2",
         "model.lora.enabled=false",
         "model.lora.modules_to_save=[]",
-        "train.lr=1e-3",
         "train.checkpoint_every=6",
     ]
-    cfg, model_dir = run(tmp_path, "resume", [*common, "train.max_steps=12"])
-    # same run name, larger budget: resumes from the step-12 checkpoint instead of starting over
-    cfg2, _ = run(tmp_path, "resume", [*common, "train.max_steps=20"], prepared=cfg.output_dir)
+    cfg, model_dir = run(tmp_path, "resume", [*common, "train.lr=1e-3", "train.max_steps=12"])
+    # same run name, larger budget and a new lr: resumes from the step-12 checkpoint instead of starting over,
+    # and the new settings apply (the checkpoint's optimizer state would otherwise keep lr 1e-3)
+    cfg2, _ = run(tmp_path, "resume", [*common, "train.lr=2e-3", "train.max_steps=20"], prepared=cfg.output_dir)
     rows = [r for r in metrics(cfg2) if "loss" in r and not r.get("final")]
     assert [r["step"] for r in rows] == list(range(1, 21))
     f = lr_lambda(cfg2.train, 20)
-    # steps 13-20 follow the 20-step schedule from where the checkpoint left it
+    # steps 13-20 follow the 20-step schedule of the new lr from where the checkpoint left it
     for r in rows[12:]:
-        assert r["lr"] == pytest.approx(1e-3 * f(r["step"]), rel=1e-6)
+        assert r["lr"] == pytest.approx(2e-3 * f(r["step"]), rel=1e-6)
+    event = json.loads((Path(cfg2.output_dir) / "events.jsonl").read_text().splitlines()[-1])
+    assert event["event"] == "resume" and event["step"] == 12
+    assert event["changed"] == {"lr": [1e-3, 2e-3], "total_steps": [12, 20]}
     ckpt = Path(RunPaths.of(cfg2).storage_path) / "resume"
     states = sorted(ckpt.glob("checkpoint_*/cpo_state.json"))
     last = json.loads(states[-1].read_text())
     assert last["step"] == 20
     opt = torch.load(next(states[-1].parent.glob("ckpt/*optim_states.pt")), weights_only=False)
     assert "optimizer_state_dict" in opt
+
+
+def test_zero3_heldout_with_fewer_pairs_than_workers(ray_local, tmp_path):
+    """One held-out pair, two ZeRO-3 workers: the rank without a pair still joins every parameter gather (a
+    dummy forward), so the held-out scoring finishes instead of deadlocking."""
+    import threading
+
+    over = ["train.zero_stage=3", "model.lora.enabled=false", "model.lora.modules_to_save=[]", "train.max_steps=4"]
+    over += ["train.eval_every=2", "data.synthetic.eval_pairs=1", "train.lr=1e-3"]
+    done: dict = {}
+    worker = threading.Thread(target=lambda: done.update(cfg=run(tmp_path, "z3one", over)[0]), daemon=True)
+    worker.start()
+    worker.join(600)
+    assert "cfg" in done, "training did not finish in 10 minutes (held-out scoring deadlock?)"
+    evals = [r for r in metrics(done["cfg"]) if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4] and all(r["eval/n"] == 1 for r in evals)
