@@ -242,7 +242,7 @@ def run_cpo_ray(variant: str, model_dir: Path, pairs: list[dict], args, profile:
     collate = collate_fn(variant, pad_id)
     model = load_model(model_dir)
     if variant == "varlen":
-        from cpo_ray.batch import use_varlen_attention
+        from cpo_ray.attention import use_varlen_attention
 
         use_varlen_attention(model)
     model.train()
