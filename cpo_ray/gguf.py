@@ -80,7 +80,11 @@ def convert(spec: str, cache_dir: str | Path) -> Path:
     model.generation_config = loaded.generation_config
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    stamp = {"source": str(src), "digest": digest, "gguf": (quant or {}).get("gguf_file") if isinstance(quant, dict) else src.name}
+    stamp = {
+        "source": str(src),
+        "digest": digest,
+        "gguf": (quant or {}).get("gguf_file") if isinstance(quant, dict) else src.name,
+    }
     (tmp / STAMP).write_text(json.dumps(stamp | {"weights": "dequantized to float32"}, indent=2))
     try:
         tmp.rename(out)  # atomic: a half-written folder is never seen under the final name
