@@ -1,11 +1,14 @@
-"""Attention over packed rows: every sequence attends only to itself, causally, with no padding anywhere.
+"""Attention over packed rows: every sequence attends only to itself (or a response to its prompt and itself),
+causally, with no padding anywhere.
 
     use_varlen_attention(model)        # registers VARLEN_ATTENTION with transformers and switches the model
     model(input_ids, position_ids, cu_seq_lens_q=..., ...)   # cpo_ray.batch passes the sequence bounds
 
 transformers hands the function the bounds of the packed sequences (`cu_seq_lens_q`, as for flash-attention
 varlen kernels). A block-diagonal mask over a packed row would make SDPA compute every (query, key) block of
-the row; per-sequence causal calls compute only sum(L_i^2)/2 and take SDPA's causal fast path. What some
+the row; per-sequence causal calls compute only sum(L_i^2)/2 and take SDPA's causal fast path. Shared-prompt
+rows (cpo_ray.batch.collate_shared) come as `cpo_segments`: each response's queries attend to its prompt's keys
+and its own, causally aligned at the end. What some
 architectures add to attention is implemented here too, per sequence: a sliding window (Mistral, Qwen2/3
 with use_sliding_window, Gemma-2/3, Cohere2, Phi-3 variants) and tanh soft-capping of the scores (Gemma-2).
 Attention sinks (gpt-oss `s_aux`) are refused. Without bounds (padded rows, generation) each row is one
@@ -56,6 +59,15 @@ def varlen_attention(
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     p = dropout if module.training else 0.0
     gqa = query.shape[1] != key.shape[1]
+    segments = kwargs.get("cpo_segments")
+    if segments is not None:  # shared-prompt groups: (start, end, prefix start, prefix end), in row order
+        parts = []
+        for a, b, pa, pb in segments:
+            k, v = key[:, :, a:b], value[:, :, a:b]
+            if pb > pa:  # a response: its prompt's keys first, then its own (positions continue)
+                k, v = torch.cat([key[:, :, pa:pb], k], dim=2), torch.cat([value[:, :, pa:pb], v], dim=2)
+            parts.append(_attend(query[:, :, a:b], k, v, scaling, window, softcap, p, gqa))
+        return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
     if cu_seq_lens_q is not None and query.shape[0] == 1:
         bounds = cu_seq_lens_q.tolist()
         spans = [(0, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

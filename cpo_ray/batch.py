@@ -158,6 +158,50 @@ def collate_varlen(batch: dict, pad_id: int) -> dict:
     }
 
 
+def collate_shared(batch: dict, pad_id: int) -> dict:
+    """ONE padding-free row in which each pair is a group: its prompt ONCE, then the chosen, then the rejected
+    response. Each response attends to its prompt and to itself, never to the other response (the segments
+    go to cpo_ray.attention as `cpo_segments`), so the prompt's hidden states are computed once per pair
+    instead of once per sequence; positions of each response continue from the prompt's end. The first token
+    of every response is predicted by the prompt's last position (so that position's row is gathered twice).
+
+    The same log-probs as collate_varlen (tests), with len(prompt) fewer tokens per pair through the model.
+    Needs VARLEN_ATTENTION: no other kernel reads the segments.
+    """
+    prompts, n_pairs = batch[PROMPT_IDS], len(batch[PROMPT_IDS])
+    ids, pos, segs, pred, tgt, sid = [], [], [], [], [], []
+    off = seq_tokens = 0
+    for b, p in enumerate(prompts):
+        plen, p_start = len(p), off
+        ids.append(p)
+        pos.append(np.arange(plen))
+        segs.append((off, off + plen, off, off))  # the prompt: causal over itself, no prefix
+        off += plen
+        for s, resp in ((b, batch[CHOSEN_IDS][b]), (n_pairs + b, batch[REJECTED_IDS][b])):
+            n = len(resp)
+            ids.append(resp)
+            pos.append(np.arange(plen, plen + n))
+            segs.append((off, off + n, p_start, p_start + plen))  # the response: its prompt, then itself
+            pred.append(np.concatenate([[p_start + plen - 1], np.arange(off, off + n - 1)]))
+            tgt.append(resp)
+            sid.append(np.full(n, s))
+            off += n
+            seq_tokens += plen + n
+    order = np.argsort(np.concatenate(sid), kind="stable")  # sequence-major, like the other collates
+    return {
+        "input_ids": torch.from_numpy(np.concatenate(ids).astype(np.int64)[None]),
+        "attention_mask": None,
+        "position_ids": torch.from_numpy(np.concatenate(pos).astype(np.int64)[None]),
+        "segments": torch.tensor(segs, dtype=torch.int64),
+        "pred_idx": torch.from_numpy(np.concatenate(pred).astype(np.int64)[order]),
+        "tgt_ids": torch.from_numpy(np.concatenate(tgt).astype(np.int64)[order]),
+        "seq_idx": torch.from_numpy(np.concatenate(sid).astype(np.int64)[order]),
+        "num_seqs": 2 * n_pairs,
+        "tokens": seq_tokens,  # prompt + response per sequence, as the other collates count
+        "tokens_computed": off,  # what actually goes through the model
+    }
+
+
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob, scored token count) per sequence, [2B] each, from ONE forward of `model`.
 
@@ -174,6 +218,8 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         varlen = dict(
             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"]
         )
+    elif batch.get("segments") is not None:  # shared-prompt groups: read by VARLEN_ATTENTION only
+        varlen = {"cpo_segments": batch["segments"].tolist()}
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"].to(device),
         attention_mask=None if batch["attention_mask"] is None else batch["attention_mask"].to(device),
@@ -182,14 +228,39 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         **varlen,
     ).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["pred_idx"].to(device))
-    logits = output_head(model)(h)
-    tgt = batch["tgt_ids"].to(device)
-    tok_logp = logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    tok_logp = token_logps(output_head(model), h, batch["tgt_ids"].to(device))
     sid = batch["seq_idx"].to(device)
     n = batch["num_seqs"]
     logp = torch.zeros(n, device=device, dtype=tok_logp.dtype).index_add_(0, sid, tok_logp)
     count = torch.bincount(sid, minlength=n).to(tok_logp.dtype)
     return logp, count
+
+
+HEAD_CHUNK_BYTES = 64 * 2**20  # fp32 logits held at once by token_logps (forward and backward)
+
+
+def token_logps(head, h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """log p(tgt_t) for each row of h, without ever holding [N, V] logits when that would be large.
+
+    Small batches (or vocabularies): one head call. Otherwise chunks of rows, each under activation
+    checkpointing: its logits (and log-softmax) exist only while that chunk is computed, in the forward and
+    again in the backward, so the loss path holds at most HEAD_CHUNK_BYTES of logits (plus h) instead of
+    N x V fp32 values and their gradient. Costs one more head matmul per chunk in backward.
+    """
+
+    def chunk(hc, tc):
+        logits = head(hc)
+        return logits.gather(1, tc[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    rows = max(1, HEAD_CHUNK_BYTES // (4 * head.vocab_size))
+    if h.shape[0] <= rows:
+        return chunk(h, tgt)
+    from torch.utils.checkpoint import checkpoint
+
+    parts = [
+        checkpoint(chunk, h[i : i + rows], tgt[i : i + rows], use_reentrant=False) for i in range(0, h.shape[0], rows)
+    ]
+    return torch.cat(parts)
 
 
 class PairScorer(torch.nn.Module):
@@ -207,12 +278,13 @@ class PairScorer(torch.nn.Module):
         return sequence_logps(self.model, batch)
 
 
-def collate_for(packing: bool, attn: str | None, module, pad_id: int):
+def collate_for(packing: bool, attn: str | None, module, pad_id: int, shared_prompt: bool = True):
     """The collate function of the trainer's micro-batches; switches `module` to VARLEN_ATTENTION unless
     model.attn_implementation names another.
 
-    Packing: by default one padding-free row per micro-batch with per-sequence causal attention;
-    flash-attention models read the same sequence boundaries. An explicit sdpa/eager keeps rows as wide
+    Packing: by default one padding-free row per micro-batch with each prompt computed once for both of its
+    responses (collate_shared); shared_prompt=False: one sequence per prompt+response (collate_varlen), which
+    flash-attention models can read too. An explicit sdpa/eager keeps rows as wide
     as the longest sequence with a block-diagonal mask. No packing: one right-padded sequence per row (our
     attention then runs per row, with the sliding windows and soft-capping that transformers' sdpa drops).
     """
@@ -220,6 +292,8 @@ def collate_for(packing: bool, attn: str | None, module, pad_id: int):
 
     if attn in (None, VARLEN_ATTENTION):
         use_varlen_attention(module)
+        if packing and shared_prompt:
+            return lambda b: collate_shared(b, pad_id)
     if packing and attn in (None, VARLEN_ATTENTION, "flash_attention_2", "flash_attention_3"):
         return lambda b: collate_varlen(b, pad_id)
     if packing:

@@ -20,44 +20,53 @@ import os
 import sys
 import time
 
+from cpo_ray import console
 from cpo_ray.config import ConfigError, load_config
 from cpo_ray.contract import Stage
 
 
 def init_ray() -> None:
-    """Join the cluster of `ray job submit` (RAY_ADDRESS) or start a local one for this process."""
+    """Join the cluster of `ray job submit` (RAY_ADDRESS) or start a local one for this process. Worker
+    output streams to this driver (log_to_driver), which cpo_ray.console sends to the stage's log file."""
     import ray
 
     if not ray.is_initialized():
         ray.init(logging_level="WARNING")
-        ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = sys.stderr.isatty()
+        ctx.print_on_execution_start = False
 
 
 def cmd_prepare(cfg, args) -> None:
     from cpo_ray.pipeline import stage_prepare
 
-    init_ray()
-    stage_prepare(cfg)
+    with console.stage(Stage.PREPARE):
+        init_ray()
+        stage_prepare(cfg)
 
 
 def cmd_train(cfg, args) -> None:
     from cpo_ray.pipeline import stage_train
 
-    init_ray()
-    stage_train(cfg)
+    with console.stage(Stage.TRAIN):
+        init_ray()
+        stage_train(cfg)
 
 
 def cmd_serve(cfg, args) -> None:
     from cpo_ray.serve import served_models, start_server, stop_server
 
     if args.stop:
-        stop_server()
-        print("[cpo-ray] serve: stopped")
+        with console.stage("serve"):
+            stop_server()
+        console.say("serve: stopped")
         return
     models = dict(m.split("=", 1) for m in args.model) if args.model else served_models(cfg)
-    start_server(cfg.serve, models, detached=args.detach)
+    with console.stage("serve"):
+        url = start_server(cfg.serve, models, detached=args.detach)
+    console.say(f"serving {', '.join(models)} at {url}")
     if args.detach:
-        print("[cpo-ray] serve: running detached; stop with `cpo-ray serve --stop`")
+        console.say("running detached; stop with `cpo-ray serve --stop`")
         return
     try:
         while True:
@@ -69,7 +78,6 @@ def cmd_serve(cfg, args) -> None:
 
 
 def cmd_eval(cfg, args) -> None:
-    from cpo_ray.contract import RunPaths
     from cpo_ray.pipeline import stage_eval
 
     if args.pairs:
@@ -78,8 +86,11 @@ def cmd_eval(cfg, args) -> None:
     models = args.model or cfg.eval.models
     if not endpoint or not models:
         raise UsageError("needs --endpoint URL and at least one --model ID (or eval.endpoint / eval.models)")
-    stage_eval(cfg, endpoint, models, tokenizer_path=args.tokenizer)
-    print(f"[cpo-ray] eval: {RunPaths.of(cfg).eval_json}")
+    from cpo_ray.report_eval import markdown_table
+
+    with console.stage(Stage.EVAL):
+        result = stage_eval(cfg, endpoint, models, tokenizer_path=args.tokenizer)
+    console.say(markdown_table(result))
 
 
 def cmd_pipeline(cfg, args) -> None:
@@ -101,6 +112,8 @@ COMMANDS = {
 class UsageError(ValueError):
     """A command line that cannot run: printed with the command's name, exit code 2."""
 
+    user_error = True
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -112,6 +125,9 @@ def parser() -> argparse.ArgumentParser:
         c = p.commands[name] = sub.add_parser(name, help=text, description=text)
         c.add_argument("--config", "-c", help="YAML config (configs/*.yaml); defaults otherwise")
         c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        c.add_argument(
+            "--verbose", "-v", action="store_true", help="show all framework output (also CPO_RAY_VERBOSE=1)"
+        )
         c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5")
         if name == "serve":
             c.add_argument("--detach", action="store_true", help="leave the app running on the cluster and return")
@@ -149,10 +165,10 @@ def exit_codes(command: str):
     try:
         yield
     except (ConfigError, UsageError) as e:
-        print(f"cpo-ray {command}: {e}", file=sys.stderr)
+        console.error(f"cpo-ray {command}: {e}")
         raise SystemExit(2) from None
     except DataError as e:  # names the file/row
-        print(f"cpo-ray {command}: {e}", file=sys.stderr)
+        console.error(f"cpo-ray {command}: {e}")
         raise SystemExit(1) from None
 
 
@@ -167,6 +183,9 @@ def job(command: str, argv: list[str] | None = None):
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))
             raise SystemExit(0)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from cpo_ray.contract import RunPaths
+
+        console.start(RunPaths.of(cfg).output_dir / "logs", verbose=args.verbose)
         yield cfg, args
 
 

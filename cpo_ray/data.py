@@ -46,6 +46,8 @@ OUT_SCHEMA = pa.schema(
 class DataError(RuntimeError):
     """Input that cannot be read at all (missing file, truncated gzip, unreadable Parquet)."""
 
+    user_error = True  # the message names the file/row: no traceback needed
+
 
 def expand_files(specs: list[str]) -> list[str]:
     """Paths, globs, folders and URIs -> sorted file URIs; a spec matching nothing is an error."""
@@ -262,7 +264,7 @@ class Tokenize:
             raise RowError(Reject.NOT_AN_OBJECT, f"a record must be a JSON object, got {type(rec).__name__}")
         cols = self.cfg.columns or None
         fmt = detect_format(rec, cols) if self.cfg.format == "auto" else self.cfg.format
-        triple = normalize(rec, fmt, self.tok, cols)
+        triple = normalize(rec, fmt, self.tok, cols, chat=self.cfg.chat_template)
         for name, text in zip(("prompt", "chosen", "rejected"), triple, strict=True):
             try:
                 text.encode("utf-8")

@@ -204,8 +204,9 @@ async def _score_model(client, model, pairs, cfg: EvalConfig, per_request: int) 
 
 
 async def _generate(client, model: str, prompt_ids: list[int], cfg: EvalConfig) -> str:
+    """Greedy continuation; stops at the model's end-of-turn token, or at cfg.stop (e.g. "\n\nHuman:")."""
     out = await client.completions.create(
-        model=model, prompt=list(prompt_ids), max_tokens=cfg.max_new_tokens, temperature=0.0
+        model=model, prompt=list(prompt_ids), max_tokens=cfg.max_new_tokens, temperature=0.0, stop=cfg.stop or None
     )
     return out.choices[0].text
 
@@ -213,21 +214,52 @@ async def _generate(client, model: str, prompt_ids: list[int], cfg: EvalConfig) 
 async def _run(endpoint, model_ids, pairs, cfg: EvalConfig, api_key, tokenizer) -> dict:
     client = make_client(endpoint, api_key, cfg)
     result = {"endpoint": endpoint, "baseline": model_ids[0], "n_pairs": len(pairs), "models": {}, "rows": {}}
+
+    async def score(model: str) -> None:
+        t0 = time.perf_counter()
+        rows, mode = await _score_model(client, model, pairs, cfg, cfg.pairs_per_request)
+        elapsed = time.perf_counter() - t0
+        summary = summarize(rows) | {"elapsed_s": elapsed, "pairs_per_s": len(rows) / elapsed, "scoring": mode}
+        result["models"][model], result["rows"][model] = summary, rows
+
     async with client:
-        for model in model_ids:
-            t0 = time.perf_counter()
-            rows, mode = await _score_model(client, model, pairs, cfg, cfg.pairs_per_request)
-            elapsed = time.perf_counter() - t0
-            summary = summarize(rows) | {"elapsed_s": elapsed, "pairs_per_s": len(rows) / elapsed, "scoring": mode}
-            result["models"][model], result["rows"][model] = summary, rows
+        # All models at once: each served model has its own engine (on CPU its own cores, cpo_ray.serve).
+        t0 = time.perf_counter()
+        await asyncio.gather(*(score(m) for m in model_ids))
+        result["scoring_s"] = time.perf_counter() - t0
+        result["models"] = {m: result["models"][m] for m in model_ids}  # baseline first
         samples = []
-        decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer else str
+        decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if tokenizer else str
         for pair in pairs[: cfg.generate_samples]:
             texts = await asyncio.gather(*(_generate(client, m, pair[PROMPT_IDS], cfg) for m in model_ids))
             sample = {"prompt": decode(pair[PROMPT_IDS]), "chosen": decode(pair[CHOSEN_IDS])}
             samples.append(sample | {"outputs": dict(zip(model_ids, texts, strict=True))})
         result["samples"] = samples
     return result
+
+
+def compare(base_rows: list[dict], rows: list[dict], seed: int = 0, resamples: int = 10_000) -> dict:
+    """Paired comparison of two models on the same pairs: McNemar's exact test on the pairs where exactly one
+    model prefers the chosen response, and a bootstrap 95% interval of the accuracy difference."""
+    import math
+
+    import numpy as np
+
+    a = np.array([r["correct"] for r in base_rows], dtype=bool)
+    b = np.array([r["correct"] for r in rows], dtype=bool)
+    only_base, only_model = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_base + only_model
+    # two-sided exact binomial test of the discordant pairs against 1/2
+    tail = sum(math.comb(n, k) for k in range(min(only_base, only_model) + 1)) / 2**n if n else 1.0
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    diffs = b[idx].mean(1) - a[idx].mean(1)
+    return {
+        "accuracy_diff": float(b.mean() - a.mean()),
+        "diff_ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
+        "only_baseline_correct": only_base,
+        "only_model_correct": only_model,
+        "mcnemar_p": min(1.0, 2 * tail),
+    }
 
 
 def evaluate_models(
@@ -254,12 +286,12 @@ def evaluate_models(
     t0 = time.perf_counter()
     result = asyncio.run(_run(endpoint.rstrip("/"), list(model_ids), pairs, cfg, api_key, tokenizer))
     rows = result.pop("rows")
-    scoring_s = sum(m["elapsed_s"] for m in result["models"].values())
+    base = model_ids[0]
+    result["comparisons"] = {m: compare(rows[base], rows[m]) for m in model_ids[1:]}
     result |= {
         "pairs_per_request": cfg.pairs_per_request,
         "elapsed_s": time.perf_counter() - t0,
-        "scoring_s": scoring_s,
-        "pairs_per_s": len(pairs) * len(rows) / scoring_s,
+        "pairs_per_s": len(pairs) * len(rows) / result["scoring_s"],  # all models, scored concurrently
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

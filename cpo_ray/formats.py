@@ -17,6 +17,7 @@ raises ValueError, not RowError.
 from __future__ import annotations
 
 import os
+import re
 
 from cpo_ray.contract import Reject
 from cpo_ray.tokenize import RowError
@@ -25,6 +26,8 @@ FORMATS = ("explicit", "conversational", "implicit", "sharegpt")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 HH_ASSISTANT = "\n\nAssistant:"
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+ROLE_OF = {"Human": "user", "Assistant": "assistant"}
 
 
 def _names(columns: dict[str, str] | None) -> dict[str, str]:
@@ -188,8 +191,36 @@ def _implicit_text(chosen: str, rejected: str, names: dict[str, str]):
     return chosen[:end], chosen[end:], rejected[end:]
 
 
-def normalize(record: dict, fmt: str, tokenizer, columns: dict[str, str] | None = None) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) text of one record in format `fmt` ("auto" detects it per record)."""
+def _hh_messages(text: str, field: str) -> list[dict]:
+    """An HH-RLHF dialogue ("\n\nHuman: ...\n\nAssistant: ...") as user/assistant messages."""
+    parts = HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise RowError(Reject.UNPARSEABLE_DIALOGUE, f"{field!r} does not start with a Human:/Assistant: turn", field)
+    return [{"role": ROLE_OF[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def _as_chat(record: dict, fmt: str, tokenizer, names: dict[str, str]):
+    """data.chat_template: explicit strings become one user and one assistant turn, HH dialogues their turns,
+    rendered with the tokenizer's chat template like conversational rows."""
+    chosen = _string(_get(record, "chosen", names), names["chosen"])
+    rejected = _string(_get(record, "rejected", names), names["rejected"])
+    if fmt == "explicit":
+        prompt = _string(_get(record, "prompt", names), names["prompt"])
+        if not prompt.strip():
+            raise RowError(Reject.EMPTY_PROMPT, f"{names['prompt']!r} is empty", names["prompt"])
+        turn = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+        return _render(
+            tokenizer, [{"role": "user", "content": prompt}], turn(chosen), turn(rejected), names, names["prompt"]
+        )
+    msgs = _split_messages(_hh_messages(chosen, names["chosen"]), _hh_messages(rejected, names["rejected"]), names)
+    return _render(tokenizer, *msgs, names, names["chosen"])
+
+
+def normalize(
+    record: dict, fmt: str, tokenizer, columns: dict[str, str] | None = None, chat: bool = False
+) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) text of one record in format `fmt` ("auto" detects it per record). With
+    `chat`, explicit and HH-style string rows go through the tokenizer's chat template (see _as_chat)."""
     if fmt == "auto":
         fmt = detect_format(record, columns)
     if fmt not in FORMATS:
@@ -199,6 +230,8 @@ def normalize(record: dict, fmt: str, tokenizer, columns: dict[str, str] | None 
         prompt, chosen, rejected = _sharegpt(record, tokenizer, names)
     elif fmt == "conversational":
         prompt, chosen, rejected = _conversational(record, tokenizer, names)
+    elif chat and fmt in ("explicit", "implicit"):
+        prompt, chosen, rejected = _as_chat(record, fmt, tokenizer, names)
     elif fmt == "implicit" and isinstance(record.get(names["chosen"]), list):
         # Implicit conversational: message lists with the prompt inside them, so any prompt field is ignored.
         record = {k: v for k, v in record.items() if k != names["prompt"]}

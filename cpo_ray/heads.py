@@ -92,4 +92,5 @@ def output_head(model):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    head.vocab_size = cfg.get_text_config().vocab_size
     return head

@@ -18,12 +18,17 @@ from cpo_ray.contract import ADAPTER, CHOSEN_IDS, FINAL, PAIR_COLUMNS, PROMPT_ID
 
 
 def resolve_model_path(cfg: Config) -> str:
-    """The folder or hub id to load: builds the embedded model under the run's folder when asked for it."""
+    """The folder or hub id to load: builds the embedded model, or converts a GGUF file, under the cache
+    folder (model.cache_dir, else the run's output_dir) when asked for one."""
+    from cpo_ray import gguf
     from cpo_ray.embedded import build_embedded_model
 
     m = cfg.model
+    cache = Path(m.cache_dir) if m.cache_dir else RunPaths.of(cfg).model_cache
     if m.name_or_path == EMBEDDED_MODEL:
-        return str(build_embedded_model(RunPaths.of(cfg).model_cache / "embedded-tiny", m.tiny).resolve())
+        return str(build_embedded_model(cache / "embedded-tiny", m.tiny).resolve())
+    if gguf.is_gguf(m.name_or_path):
+        return str(gguf.convert(m.name_or_path, cache).resolve())
     local = Path(m.name_or_path).expanduser()
     # Workers and replicas run in other directories: a local folder travels as an absolute path.
     return str(local.resolve()) if local.exists() else m.name_or_path
@@ -180,7 +185,7 @@ def build_engine(cfg: Config, model_path: str, world: int, total_steps: int, use
     dtype = torch_dtype(cfg, use_gpu)
     # bf16/fp16 train from fp32 weights: DeepSpeed casts the module and keeps fp32 master weights.
     model = build_model(cfg, model_path, torch.float32)
-    collate = collate_for(t.packing, cfg.model.attn_implementation, model, pad_id)
+    collate = collate_for(t.packing, cfg.model.attn_implementation, model, pad_id, t.shared_prompt)
     verify_logps(model, collate)
     params = [p for p in model.parameters() if p.requires_grad]
     clip_in_loop = t.zero_stage == 0 and dtype == torch.float32 and t.max_grad_norm > 0

@@ -1,11 +1,13 @@
 """The whole run, stage by stage: prepare -> train (+export) -> serve base and tuned -> evaluate -> report.
 
-    cpo-ray pipeline --config configs/tiny-cpu.yaml [--force train] [--skip eval] [overrides...]
+    cpo-ray pipeline --config configs/tiny-cpu.yaml [--force train] [--skip eval] [--verbose] [overrides...]
 
 Each stage leaves artifacts in the run's folders (cpo_ray.contract.RunPaths) and is skipped when they exist
 (prepare_report.json, final/, eval/eval.json), so a re-run after a finished train does not retrain unless
 `--force train`. A stopped train resumes from its last checkpoint (same run name). Wall time per stage goes
-to timings.json and into the report. The `stage_*` functions are also what `cpo-ray <stage>` runs.
+to timings.json and into the report. The `stage_*` functions are also what `cpo-ray <stage>` runs. On the
+console each stage prints a header, its progress and a summary (cpo_ray.console); the last lines are the
+base-vs-tuned table and the report's path.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 
+from cpo_ray import console
 from cpo_ray.config import Config
 from cpo_ray.contract import EVAL, FINAL_MARKER, RunPaths, Stage
 
@@ -23,10 +26,10 @@ def stage_prepare(cfg: Config) -> dict:
 
     report = prepare(cfg, resolve_model_path(cfg))
     for name, r in report["splits"].items():
-        print(
-            f"[cpo-ray] prepare {name}: {r['rows_read']} rows read, {r['rows_kept']} kept, "
-            f"rejected {r['rejected_by_reason'] or 0}, {r['truncated']} truncated -> {RunPaths.of(cfg).split_dir(name)}",
-            flush=True,
+        rejected = ", ".join(f"{k} x{v}" for k, v in r["rejected_by_reason"].items()) or "none"
+        console.say(
+            f"{name}: {r['rows_kept']:,} pairs kept of {r['rows_read']:,} read (rejected: {rejected}; "
+            f"{r['truncated']:,} truncated) -> {RunPaths.of(cfg).split_dir(name)}"
         )
     return report
 
@@ -35,8 +38,14 @@ def stage_train(cfg: Config) -> None:
     from cpo_ray.model import resolve_model_path
     from cpo_ray.train import run_training
 
+    t0 = time.time()
     run_training(cfg, resolve_model_path(cfg))
-    print(f"[cpo-ray] exported {RunPaths.of(cfg).final}", flush=True)
+    paths = RunPaths.of(cfg)
+    last = next(
+        (json.loads(ln) for ln in reversed(paths.metrics.read_text().splitlines()) if "eval/accuracy" in ln), {}
+    )
+    held = f"; held-out accuracy {last['eval/accuracy']:.3f}" if last else ""
+    console.say(f"trained in {time.time() - t0:,.0f}s{held} -> {paths.final}")
 
 
 def stage_eval(cfg: Config, endpoint: str, model_ids: list[str], tokenizer_path: str | None = None) -> dict:
@@ -46,7 +55,7 @@ def stage_eval(cfg: Config, endpoint: str, model_ids: list[str], tokenizer_path:
 
     paths = RunPaths.of(cfg)
     pairs = load_tokenized_pairs(cfg.eval.pairs or paths.split_dir(EVAL), cfg.eval.max_pairs)
-    return evaluate_models(
+    result = evaluate_models(
         endpoint,
         model_ids,
         pairs,
@@ -55,6 +64,10 @@ def stage_eval(cfg: Config, endpoint: str, model_ids: list[str], tokenizer_path:
         api_key=resolve_api_key(cfg.serve),
         tokenizer_path=tokenizer_path,
     )
+    console.say(
+        f"scored {len(pairs):,} held-out pairs x {len(model_ids)} models in {result['scoring_s']:.0f}s -> {paths.eval_json}"
+    )
+    return result
 
 
 def serve_and_eval(cfg: Config, timings: dict) -> dict:
@@ -65,8 +78,10 @@ def serve_and_eval(cfg: Config, timings: dict) -> dict:
 
     models = served_models(cfg)
     t0 = time.time()
+    console.live(f"starting vLLM engines for {', '.join(models)} ...")
     url = start_server(cfg.serve, models, detached=False)
     timings["serve_start"] = round(time.time() - t0, 1)
+    console.say(f"serving {', '.join(models)} at {url} (ready in {timings['serve_start']:.0f}s)")
     try:
         t1 = time.time()
         result = stage_eval(cfg, url, list(models), tokenizer_path=models.get("base"))
@@ -78,6 +93,7 @@ def serve_and_eval(cfg: Config, timings: dict) -> dict:
 
 def run_pipeline(cfg: Config, force: set[str] = frozenset(), skip: set[str] = frozenset()) -> dict:
     from cpo_ray.report import write_report
+    from cpo_ray.report_eval import markdown_table
 
     paths = RunPaths.of(cfg)
     paths.output_dir.mkdir(parents=True, exist_ok=True)
@@ -85,13 +101,14 @@ def run_pipeline(cfg: Config, force: set[str] = frozenset(), skip: set[str] = fr
 
     def timed(name: str, done: bool, fn):
         if name in skip:
-            print(f"[cpo-ray] {name}: skipped (--skip {name})", flush=True)
+            console.say(f"── {name}: skipped (--skip {name})")
             return None
         if done and name not in force:
-            print(f"[cpo-ray] {name}: artifacts exist, not re-running (--force {name} to redo)", flush=True)
+            console.say(f"── {name}: done earlier (its artifacts exist; --force {name} redoes it)")
             return None
         t0 = time.time()
-        result = fn()
+        with console.stage(name):
+            result = fn()
         timings[name] = round(time.time() - t0, 1)
         paths.timings.write_text(json.dumps(timings, indent=2))
         return result
@@ -101,11 +118,16 @@ def run_pipeline(cfg: Config, force: set[str] = frozenset(), skip: set[str] = fr
     timed(Stage.TRAIN, final_cfg.exists(), lambda: stage_train(cfg))
     eval_json = paths.eval_json
     fresh = eval_json.exists() and final_cfg.exists() and eval_json.stat().st_mtime > final_cfg.stat().st_mtime
-    result = timed(Stage.EVAL, fresh, lambda: serve_and_eval(cfg, timings))
-    if result is None and paths.eval_md.exists():
-        print(paths.eval_md.read_text(), flush=True)
+    timed(Stage.EVAL, fresh, lambda: serve_and_eval(cfg, timings))
+    report = None
     if Stage.REPORT in skip:  # a stage like the others: --skip report must mean it
-        print("[cpo-ray] report: skipped (--skip report)", flush=True)
+        console.say("── report: skipped (--skip report)")
     else:
-        print(f"[cpo-ray] report: {write_report(cfg)}", flush=True)
+        with console.stage(Stage.REPORT):
+            report = write_report(cfg)
+    if eval_json.exists():  # the last lines: the result, then where the whole story is
+        console.say()
+        console.say(markdown_table(json.loads(eval_json.read_text())))
+    if report:
+        console.say(f"report: {report}")
     return timings

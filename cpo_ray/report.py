@@ -1,10 +1,11 @@
-"""The run report: training curves, held-out eval through the endpoint (base vs tuned), samples.
+"""The run report: one self-contained HTML file (images inlined) that a person reads top to bottom.
 
-    write_report(cfg) -> <output_dir>/report.html (self-contained: PNGs inlined) + <output_dir>/report/*.png
+    write_report(cfg) -> <output_dir>/report.html (+ <output_dir>/report/*.png)
 
-Reads what the stages left where cpo_ray.contract.RunPaths puts it (data.output_dir and eval.output_dir
-included): metrics.jsonl (train), eval.json, eval.md, margins.png and samples.md (evaluate),
-prepare_report.json (prepare), timings.json.
+Sections: the result through the endpoint (base vs tuned, the paired test, the margins histogram), sample
+generations side by side, training (curves, resumes), data (per split: rows read/kept/rejected by reason with
+file:line examples, token-length percentiles, truncation), stage timings and the resolved config. Reads what
+the stages left where cpo_ray.contract.RunPaths puts it (data.output_dir and eval.output_dir included).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 from pathlib import Path
 
 from cpo_ray.contract import RunPaths
+from cpo_ray.report_eval import ci_text, mcnemar_text
 
 CURVES = [
     ("loss", "loss (CPO + cpo_alpha * NLL)"),
@@ -22,11 +24,21 @@ CURVES = [
     ("rewards/accuracies", "train preference accuracy"),
     ("rewards/margins", "train reward margin"),
     ("eval/accuracy", "held-out accuracy (in training)"),
-    ("tokens_per_s", "tokens/s (non-pad, all workers)"),
+    ("tokens_per_s", "tokens/s (all workers)"),
 ]
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:1em 1.5em;color:#222;line-height:1.45}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+.sub{color:#666;margin-top:0} table{border-collapse:collapse;margin:.6em 0}
+td,th{border:1px solid #d4d4d4;padding:4px 10px;vertical-align:top} th{background:#f3f3f3;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums} .best{font-weight:600;color:#0a6b2c}
+pre{background:#f6f6f6;padding:.8em;overflow-x:auto;white-space:pre-wrap;margin:0}
+td pre{background:none;padding:0;font-size:.92em} details{margin:.6em 0} summary{cursor:pointer;color:#245}
+img{max-width:100%} .note{color:#555;font-size:.93em}
+"""
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
@@ -63,58 +75,172 @@ def plot_curves(rows: list[dict], out: Path) -> Path | None:
     return out
 
 
-def _img(path: Path | None) -> str:
+def _img(path: Path | None, alt: str) -> str:
     if not path or not path.exists():
         return ""
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _md_table_to_html(md: str) -> str:
-    rows = [ln.strip().strip("|").split("|") for ln in md.splitlines() if ln.strip().startswith("|")]
-    rows = [r for r in rows if not set("".join(r)) <= set("-: ")]
+def _table(head: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+    body = "".join(
+        "<tr>" + "".join(f"<td{' class=n' if i in numeric else ''}>{c}</td>" for i, c in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x, fmt: str = "{:,.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _eval_section(paths: RunPaths) -> list[str]:
+    if not paths.eval_json.exists():
+        return ["<h2>Held-out pairs through the endpoint</h2><p>(not evaluated yet)</p>"]
+    res = json.loads(paths.eval_json.read_text())
+    models, comps = list(res["models"]), res.get("comparisons", {})
+    best = max(models, key=lambda m: res["models"][m].get("accuracy") or 0)
+    metrics = [
+        ("accuracy (log p(chosen) > log p(rejected))", "accuracy", _pct),
+        ("accuracy, length-normalised", "accuracy_length_normalised", _pct),
+        ("mean margin (nats)", "mean_margin", _num),
+        ("median margin (nats)", "median_margin", _num),
+        ("pairs scored", "n", lambda x: f"{x:,}"),
+        ("pairs/s", "pairs_per_s", lambda x: _num(x, "{:,.1f}")),
+    ]
+    rows = [[label, *(fn(res["models"][m].get(key)) for m in models)] for label, key, fn in metrics]
+    rows[0] = [
+        rows[0][0],
+        *(f"<span class=best>{v}</span>" if m == best else v for m, v in zip(models, rows[0][1:], strict=True)),
+    ]
+    if comps:
+        rows.append(["accuracy vs baseline (bootstrap 95% CI)", "-", *(ci_text(comps[m]) for m in models[1:])])
+        rows.append(["McNemar exact p (pairs won / lost)", "-", *(mcnemar_text(comps[m]) for m in models[1:])])
+    note = (
+        f"<p class=note>{res['n_pairs']:,} held-out pairs scored through <code>{html.escape(res['endpoint'])}</code> "
+        f"(prompt log-probs of the real response tokens, {res.get('pairs_per_request', '?')} pairs per request); "
+        f"the first column is the baseline.</p>"
+    )
+    return [
+        "<h2>Held-out pairs through the endpoint</h2>",
+        note,
+        _table(["", *models], rows, set(range(1, len(models) + 1))),
+        _img(paths.margins_png, "margins histogram"),
+        *_samples(res, models),
+    ]
+
+
+def _samples(res: dict, models: list[str]) -> list[str]:
+    samples = res.get("samples") or []
+    if not samples:
+        return []
+    pre = lambda s: f"<pre>{html.escape(s)}</pre>"  # noqa: E731
+    rows = [[pre(s["prompt"][-600:]), pre(s["chosen"]), *(pre(s["outputs"][m]) for m in models)] for s in samples]
+    return ["<h2>Sample generations (greedy)</h2>", _table(["prompt (end)", "reference (chosen)", *models], rows)]
+
+
+def _train_section(paths: RunPaths) -> list[str]:
+    rows = read_jsonl(paths.metrics)
+    steps = [r for r in rows if "loss" in r and not r.get("final")]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    out = ["<h2>Training</h2>"]
     if not rows:
-        return f"<pre>{html.escape(md)}</pre>"
-    head, *body = rows
-    th = "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in body)
-    return f"<table><tr>{th}</tr>{trs}</table>"
+        return [*out, "<p>(no training metrics)</p>"]
+    line = f"{len(steps):,} optimizer steps logged"
+    if evals:
+        line += f"; in-training held-out accuracy {evals[0]['eval/accuracy']:.3f} (step {evals[0]['step']}) → {evals[-1]['eval/accuracy']:.3f} (step {evals[-1]['step']})"
+    if steps and "elapsed_s" in steps[-1]:
+        secs = steps[-1]["elapsed_s"]
+        line += f"; {secs:,.0f} s of training, {sum(r.get('tokens', 0) for r in steps) / max(secs, 1e-9):,.0f} tokens/s"
+    out.append(f"<p>{line}.</p>")
+    out.append(_img(plot_curves(rows, paths.report_assets / "training_curves.png"), "training curves"))
+    resumes = [e for e in read_jsonl(paths.events) if e.get("event") == "resume"]
+    if resumes:
+
+        def changed(e: dict) -> str:
+            return ", ".join(f"{k} {a} → {b}" for k, (a, b) in (e.get("changed") or {}).items()) or "-"
+
+        rows = [[e["step"], e["epoch"], html.escape(changed(e)), len(e.get("replayed", []))] for e in resumes]
+        out.append(_table(["resumed at step", "epoch", "settings changed", "steps trained again"], rows, {0, 1, 3}))
+    return out
+
+
+def _data_section(paths: RunPaths) -> list[str]:
+    if not paths.prepare_report.exists():
+        return []
+    prep = json.loads(paths.prepare_report.read_text())
+    out = [
+        "<h2>Data</h2>",
+        f"<p class=note>Tokenized with <code>{html.escape(str(prep.get('model')))}</code>, max_length {prep.get('max_length')} tokens per sequence.</p>",
+    ]
+    head = ["split", "rows read", "kept", "rejected", "truncated", "boundary merges"]
+    rows = [
+        [
+            n,
+            f"{s['rows_read']:,}",
+            f"{s['rows_kept']:,}",
+            f"{s['rows_rejected']:,}",
+            f"{s['truncated']:,}",
+            f"{s.get('boundary_merges', 0):,}",
+        ]
+        for n, s in prep["splits"].items()
+    ]
+    out.append(_table(head, rows, {1, 2, 3, 4, 5}))
+    for name, s in prep["splits"].items():
+        lengths = [
+            [part, *(f"{s['tokens'][part].get(k, '-')}" for k in ("mean", "p50", "p95", "max"))]
+            for part in ("prompt", "chosen", "rejected")
+            if s["tokens"].get(part)
+        ]
+        if lengths:
+            out.append(
+                f"<h3>{html.escape(name)}: token lengths</h3>"
+                + _table(["", "mean", "p50", "p95", "max"], lengths, {1, 2, 3, 4})
+            )
+        if s["rejected_by_reason"]:
+            rej = [
+                [html.escape(r), f"{n:,}", "<br>".join(html.escape(x) for x in s["examples"].get(r, []))]
+                for r, n in s["rejected_by_reason"].items()
+            ]
+            out.append(
+                f"<h3>{html.escape(name)}: rejected rows</h3>"
+                + _table(["reason", "rows", "examples (file:line: message)"], rej, {1})
+            )
+    return out
 
 
 def write_report(cfg) -> Path:
+    import yaml
+
     paths = RunPaths.of(cfg)
-    run = paths.output_dir
-    rows = read_metrics(paths.metrics)
-    curves = plot_curves(rows, paths.report_assets / "training_curves.png")
-    eval_md = paths.eval_md.read_text() if paths.eval_md.exists() else ""
-    samples = paths.samples_md.read_text() if paths.samples_md.exists() else ""
-    prep = json.loads(paths.prepare_report.read_text()) if paths.prepare_report.exists() else {}
     timings = json.loads(paths.timings.read_text()) if paths.timings.exists() else {}
-    final = next((r for r in reversed(rows) if "eval/accuracy" in r), {})
+    t, m = cfg.train, cfg.model
+    adapter = f"LoRA r{m.lora.r}" if m.lora.enabled else "full fine-tune"
+    sub = f"{html.escape(m.name_or_path)} · {adapter} · loss {t.loss_type}, β {t.beta}, cpo_alpha {t.cpo_alpha} · {t.num_workers} worker(s), ZeRO-{t.zero_stage}"
     parts = [
-        "<!doctype html><meta charset='utf-8'><title>cpo-ray report</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-        "pre{background:#f6f6f6;padding:1em;overflow-x:auto;white-space:pre-wrap}</style>",
-        f"<h1>cpo-ray run: {html.escape(run.name)}</h1>",
-        "<h2>Held-out pairs scored through the endpoint</h2>",
-        _md_table_to_html(eval_md) if eval_md else "<p>(no eval yet)</p>",
-        _img(paths.margins_png),
-        "<h2>Training</h2>",
-        f"<p>{len([r for r in rows if 'loss' in r and not r.get('final')])} steps logged; last in-training held-out accuracy "
-        f"{final.get('eval/accuracy', float('nan')):.3f}, margin {final.get('eval/margin', float('nan')):.3f}.</p>",
-        _img(curves),
+        "<!doctype html><html lang=en><meta charset='utf-8'>",
+        f"<title>cpo-ray report: {html.escape(cfg.name)}</title><style>{STYLE}</style>",
+        f"<h1>cpo-ray run: {html.escape(cfg.name)}</h1><p class=sub>{sub}</p>",
+        *_eval_section(paths),
+        *_train_section(paths),
+        *_data_section(paths),
     ]
-    if prep:
-        parts += [
-            "<h2>Data</h2>",
-            f"<p>{prep.get('rows_read')} rows read, {prep.get('rows_kept')} kept, {prep.get('rows_rejected')} rejected.</p>",
-            f"<pre>{html.escape(json.dumps({k: {kk: v[kk] for kk in ('rows_read', 'rows_kept', 'rejected_by_reason', 'truncated', 'tokens')} for k, v in prep.get('splits', {}).items()}, indent=1))}</pre>",
-        ]
-    if samples:
-        parts += ["<h2>Sample generations</h2>", f"<pre>{html.escape(samples)}</pre>"]
     if timings:
-        parts += ["<h2>Stage wall times (s)</h2>", f"<pre>{html.escape(json.dumps(timings, indent=1))}</pre>"]
+        parts += [
+            "<h2>Stage wall times</h2>",
+            _table(["stage", "seconds"], [[html.escape(k), f"{v:,.1f}"] for k, v in timings.items()], {1}),
+        ]
+    config = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    parts += [
+        "<h2>Configuration</h2>",
+        f"<details><summary>resolved config ({len(config.splitlines())} lines)</summary><pre>{html.escape(config)}</pre></details>",
+    ]
     out = paths.report_html
-    out.write_text("\n".join(parts))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts) + "\n</html>\n")
     return out

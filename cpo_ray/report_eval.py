@@ -19,6 +19,16 @@ def _fmt(x, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
+def ci_text(c: dict) -> str:
+    """A comparison's accuracy difference and its bootstrap 95% interval, in percentage points."""
+    lo, hi = c["diff_ci95"]
+    return f"{100 * c['accuracy_diff']:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def mcnemar_text(c: dict) -> str:
+    return f"{c['mcnemar_p']:.2g} ({c['only_model_correct']} won / {c['only_baseline_correct']} lost)"
+
+
 def markdown_table(result: dict) -> str:
     """Rows = metrics, columns = models (baseline first)."""
     models = list(result["models"])
@@ -33,6 +43,14 @@ def markdown_table(result: dict) -> str:
     for label, key, pct in metrics:
         lines.append(f"| {label} | " + " | ".join(_fmt(result["models"][m].get(key), pct) for m in models) + " |")
     lines.append("| n | " + " | ".join(str(result["models"][m]["n"]) for m in models) + " |")
+    comps = result.get("comparisons") or {}
+    if comps:
+        lines.append(
+            "| accuracy vs baseline (95% CI) | - | " + " | ".join(ci_text(comps[m]) for m in models[1:]) + " |"
+        )
+        lines.append(
+            "| McNemar p (pairs won / lost) | - | " + " | ".join(mcnemar_text(comps[m]) for m in models[1:]) + " |"
+        )
     return "\n".join(lines)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -98,7 +98,7 @@ class WorkerRun:
         metrics: dict = self.heldout(step) if step == 0 else {}
         if self.rank == 0 and metrics:  # the base model's held-out score: the curve's first point
             _append(self.paths.metrics, {"step": 0, **metrics})
-            _say(f"[cpo-ray] step 0 eval: accuracy {metrics['eval/accuracy']:.3f} margin {metrics['eval/margin']:.3f}")
+        self.engine.train()  # from_pretrained returns eval mode: LoRA dropout and checkpointing need train mode
         self.t_mark = time.perf_counter()
         shard = ray.train.get_dataset_shard(TRAIN)
         for epoch, i, raw in micro_batches(shard, t, state["epoch"], state["batch_in_epoch"], self.rank):
@@ -111,10 +111,8 @@ class WorkerRun:
             metrics = self.step_metrics(step)
             if t.eval_every and step % t.eval_every == 0 and step < self.total:
                 metrics.update(self.heldout(step))
-            if self.rank == 0:
+            if self.rank == 0:  # the driver follows metrics.jsonl for the console (cpo_ray.train.follow)
                 _append(self.paths.metrics, metrics)
-                if step % t.log_every == 0 or "eval/accuracy" in metrics:
-                    _progress(metrics, step, self.total, self.start, self.start_step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < self.total:
                 self.checkpoint(metrics)
             elif step % t.report_every == 0 or "eval/accuracy" in metrics:
@@ -127,7 +125,6 @@ class WorkerRun:
         metrics["step"] = step
         if self.rank == 0:
             _append(self.paths.metrics, {**metrics, "final": True})
-            _progress(metrics, step, self.total, self.start, self.start_step)
         self.checkpoint(metrics, final=True)
 
     def micro_step(self, raw: dict) -> bool:
@@ -270,9 +267,6 @@ def _resume(engine, paths: RunPaths, rank: int, t, total: int) -> dict:
             paths.events.unlink(missing_ok=True)
         else:  # restarts (worker or driver crash, or a longer re-run) are recorded, not just printed
             replayed = _truncate_metrics(paths.metrics, state["step"])
-            _say(f"[cpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-            if changed:
-                _say(f"[cpo-ray] resumed with new settings (old, new): {changed}")
             keep = ("step", "loss", "data/digest")
             event = {"event": "resume", "time": time.time(), **state, "changed": changed}
             _append(paths.events, event | {"replayed": [{k: r.get(k) for k in keep} for r in replayed]})
@@ -284,19 +278,69 @@ def _append(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def _say(msg: str) -> None:
-    """Console line from a worker. Ray Train tees print() to its logger AND stdout (every line twice in
-    the driver's console); writing to the real stdout shows it once."""
-    print(msg, file=sys.__stdout__, flush=True)
+class _Tail:
+    """New complete lines of a file that rank 0 appends to, rewrites (resume) or replaces (a new run)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        st = path.stat() if path.exists() else None
+        self.ino, self.pos = (st.st_ino, st.st_size) if st else (None, 0)  # history is not news
+
+    def new_lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        st = self.path.stat()
+        if st.st_ino != self.ino:  # a new file: all of it is new
+            self.ino, self.pos = st.st_ino, 0
+        elif st.st_size < self.pos:  # rewritten shorter (resume drops steps past the checkpoint)
+            self.pos = st.st_size
+        with self.path.open("rb") as f:
+            f.seek(self.pos)
+            data = f.read()
+        done = data[: data.rfind(b"\n") + 1]  # a line being written waits for the next poll
+        self.pos += len(done)
+        return done.decode().splitlines()
 
 
-def _progress(m: dict, step: int, total: int, start: float, start_step: int) -> None:
-    eta = (time.time() - start) / max(step - start_step, 1) * (total - step)
-    ev = f" | eval acc {m['eval/accuracy']:.3f} margin {m['eval/margin']:.3f}" if "eval/accuracy" in m else ""
-    _say(
-        f"[cpo-ray] step {step}/{total} | loss {m.get('loss', float('nan')):.4f} | nll {m.get('nll_loss', float('nan')):.3f} "
-        f"| acc {m.get('rewards/accuracies', float('nan')):.2f} | {m.get('tokens_per_s', 0):,.0f} tok/s | eta {eta:,.0f}s{ev}"
-    )
+def follow(paths: RunPaths, total: int, every: int, stop) -> None:
+    """Driver thread: the run's progress on the console, read from what rank 0 writes (metrics.jsonl,
+    events.jsonl on the run's storage, which every node sees): held-out scores, a progress line every
+    `every` steps (live on a terminal), resumes and the settings they changed."""
+    from cpo_ray import console
+
+    tails = [_Tail(paths.events), _Tail(paths.metrics)]
+    first = None  # (step, time) of the first training step seen: the eta's rate
+    while True:
+        done = stop.wait(1.0)
+        for tail in tails:
+            for ln in tail.new_lines():
+                row = json.loads(ln)
+                if row.get("event") == "resume":
+                    changed = (
+                        "; changed " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in row["changed"].items())
+                        if row["changed"]
+                        else ""
+                    )
+                    console.say(f"resumed at step {row['step']} (epoch {row['epoch']}){changed}")
+                    continue
+                step = row.get("step", 0)
+                if first is None and "loss" in row:
+                    first = (step, time.time())
+                if "eval/accuracy" in row and (step == 0 or row.get("final") or "loss" not in row):
+                    acc, margin = row["eval/accuracy"], row["eval/margin"]
+                    console.say(f"step {step:>5}/{total} | held-out accuracy {acc:.3f}, margin {margin:.2f}")
+                elif "loss" in row and (step % every == 0 or "eval/accuracy" in row):
+                    rate = (time.time() - first[1]) / (step - first[0]) if step > first[0] else None
+                    eta = f"{rate * (total - step):,.0f}s" if rate is not None else "-"
+                    ev = f" | held-out {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
+                    line = (f"step {step:>5}/{total} | loss {row['loss']:.4f} | acc {row['rewards/accuracies']:.2f} "
+                            f"| {row['tokens_per_s']:,.0f} tok/s | eta {eta}{ev}")  # fmt: skip
+                    if ev:
+                        console.say(line)
+                    else:
+                        console.live(line)
+        if done:
+            return
 
 
 def _truncate_metrics(path: Path, step: int) -> list[dict]:
@@ -344,7 +388,15 @@ def run_training(cfg: Config, model_path: str):
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     t0 = time.time()
-    result = trainer.fit()
+    stop = threading.Event()
+    every = max(t.log_every, total // 10)  # ~10 progress lines in a log; a terminal rewrites one line
+    follower = threading.Thread(target=follow, args=(paths, total, every, stop), daemon=True)
+    follower.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        follower.join(5)
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:

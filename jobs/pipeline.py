@@ -8,9 +8,7 @@ Ends by printing the base-vs-tuned table and the path of <output_dir>/report.htm
 Same options, overrides, messages and exit codes as `cpo-ray pipeline`.
 """
 
-from cpo_ray.cli import init_ray, job
-from cpo_ray.pipeline import run_pipeline
+from cpo_ray.cli import cmd_pipeline, job
 
 with job("pipeline") as (cfg, args):
-    init_ray()
-    run_pipeline(cfg, force=set(args.force), skip=set(args.skip))
+    cmd_pipeline(cfg, args)  # prepare -> train -> serve + eval -> report; finished stages are skipped

@@ -7,9 +7,7 @@ Locally (starts its own Ray): python jobs/prepare.py --config configs/tiny-cpu.y
 Same options, overrides, messages and exit codes as `cpo-ray prepare`.
 """
 
-from cpo_ray.cli import init_ray, job
-from cpo_ray.pipeline import stage_prepare
+from cpo_ray.cli import cmd_prepare, job
 
 with job("prepare") as (cfg, args):
-    init_ray()  # joins the job's cluster under `ray job submit`, else starts a local one
-    stage_prepare(cfg)  # fails with a clear message (exit 1) when too many rows are rejected
+    cmd_prepare(cfg, args)  # Ray Data: read -> normalise -> tokenize -> Parquet; exit 1 when too many rows are rejected

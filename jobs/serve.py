@@ -8,13 +8,9 @@ The app stays up after the job ends (it lives on the cluster); stop it with
 Same options, overrides, messages and exit codes as `cpo-ray serve --detach`.
 """
 
-from cpo_ray.cli import init_ray, job
-from cpo_ray.serve import served_models, start_server, stop_server
+from cpo_ray.cli import cmd_serve, init_ray, job
 
 with job("serve") as (cfg, args):
     init_ray()  # the job's cluster: the app must outlive this driver
-    if args.stop:
-        stop_server()
-    else:
-        models = dict(m.split("=", 1) for m in args.model) if args.model else served_models(cfg)  # base + tuned
-        start_server(cfg.serve, models, detached=True)
+    args.detach = True
+    cmd_serve(cfg, args)  # base + tuned unless --model id=/path; --stop shuts the app down

@@ -7,9 +7,7 @@ Needs jobs/prepare.py first. Re-running with the same `name` resumes from the la
 Same options, overrides, messages and exit codes as `cpo-ray train`.
 """
 
-from cpo_ray.cli import init_ray, job
-from cpo_ray.pipeline import stage_train
+from cpo_ray.cli import cmd_train, job
 
 with job("train") as (cfg, args):
-    init_ray()
-    stage_train(cfg)  # workers stream the tokenized shard, checkpoint every train.checkpoint_every steps
+    cmd_train(cfg, args)  # workers stream the tokenized shard, checkpoint every train.checkpoint_every steps, export

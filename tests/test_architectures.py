@@ -3,6 +3,8 @@
 For every architecture cpo-ray claims, a tiny random model is built offline from its real config class (shapes
 shrunk; sliding windows and soft-caps set small enough to act on these sequences), wrapped with LoRA (non-zero
 adapter weights), switched to the trainer's attention and put inside a DeepSpeed engine (ZeRO-0, one rank).
+Three micro-batch layouts: shared (each prompt once, both responses attending to it), varlen (one packed
+sequence per prompt + response) and padded.
 engine(batch) must equal log_softmax(model(ids).logits) gathered at the real response tokens of an eager-
 attention copy, one sequence at a time, within 1e-5 nats (+1e-6 relative: fp32 sums of up to 11 tokens), for
 packed (varlen) and padded micro-batches.
@@ -87,14 +89,15 @@ def arch_dirs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("layout", ["shared", "varlen", "padded"])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_logps_equal_the_models_own_forward(arch, packing, arch_dirs, deepspeed_world1):
+def test_logps_equal_the_models_own_forward(arch, layout, arch_dirs, deepspeed_world1):
     import deepspeed
 
     from cpo_ray.batch import PairScorer, collate_for
     from cpo_ray.model import build_model, deepspeed_config, verify_logps
 
+    packing = layout != "padded"
     cfg = load_config(
         None, ["train.zero_stage=0", f"train.packing={packing}", "model.lora.enabled=true", "model.lora.dropout=0"]
     )
@@ -106,7 +109,7 @@ def test_logps_equal_the_models_own_forward(arch, packing, arch_dirs, deepspeed_
                 p.normal_(0, 0.05)
     reference = copy.deepcopy(model).eval()
     reference.get_base_model().set_attn_implementation("eager")
-    collate = collate_for(packing, None, model, pad_id=0)
+    collate = collate_for(packing, None, model, pad_id=0, shared_prompt=layout == "shared")
     assert verify_logps(model, collate) < 1e-3  # the start-up check agrees
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     engine, *_ = deepspeed.initialize(

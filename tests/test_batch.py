@@ -214,3 +214,76 @@ def test_varlen_attention_refuses_attention_sinks():
     q = torch.zeros(1, 2, 6, 4)
     with pytest.raises(NotImplementedError, match="attn_implementation"):
         varlen_attention(torch.nn.Module(), q, q, q, None, cu_seq_lens_q=torch.tensor([0, 3, 6]), s_aux=torch.zeros(2))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_shared_prompt_row_equals_padded_and_computes_each_prompt_once(tiny_model_dir, seed):
+    """Each pair's prompt once, both responses attending to it: the same log-probs and gradients as one
+    padded row per sequence, with len(prompt) fewer tokens per pair through the model."""
+    from transformers import AutoModelForCausalLM
+
+    from cpo_ray.attention import use_varlen_attention
+    from cpo_ray.batch import collate_shared
+
+    batch = random_batch(seed, pairs=4)
+    sb = collate_shared(batch, 0)
+    assert sb["tokens_computed"] == sum(len(p) for p in batch["prompt_ids"]) + sum(
+        len(r) for side in ("chosen_ids", "rejected_ids") for r in batch[side]
+    )
+    assert sb["tokens"] == collate_padded(batch, 0)["tokens"]  # counted per sequence, like the others
+    out = []
+    for shared in (False, True):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        if shared:
+            use_varlen_attention(m)
+        logp, n = sequence_logps(m, sb if shared else collate_padded(batch, 0))
+        logp.sum().backward()
+        out.append((logp.detach(), n, {k: p.grad.clone() for k, p in m.named_parameters()}))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-5, rtol=0)
+    assert out[1][1].tolist() == out[0][1].tolist()
+    for k in out[0][2]:
+        torch.testing.assert_close(out[1][2][k], out[0][2][k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_shared_prompt_responses_do_not_see_each_other(tiny_model_dir):
+    """Changing a pair's chosen response moves neither its rejected log-prob nor another pair's."""
+    from transformers import AutoModelForCausalLM
+
+    from cpo_ray.attention import use_varlen_attention
+    from cpo_ray.batch import collate_shared
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    use_varlen_attention(m)
+    a = random_batch(9, pairs=3)
+    b = {k: v.copy() for k, v in a.items()}
+    b["chosen_ids"][1] = np.array([5, 6, 7, 8, 9, 10, 11])
+    with torch.no_grad():
+        la, _ = sequence_logps(m, collate_shared(a, 0))
+        lb, _ = sequence_logps(m, collate_shared(b, 0))
+    assert not torch.isclose(la[1], lb[1])
+    keep = [0, 2, 3, 4, 5]  # every other sequence (chosen 0, 2; rejected 0, 1, 2)
+    torch.testing.assert_close(la[keep], lb[keep], atol=1e-6, rtol=0)
+
+
+def test_chunked_head_equals_one_call_in_values_and_gradients(monkeypatch):
+    """Over HEAD_CHUNK_BYTES the LM head runs in checkpointed chunks: the same per-token log-probs and the
+    same gradients for the hidden states and the head's weight as one [N, V] call."""
+    from cpo_ray import batch as B
+
+    torch.manual_seed(0)
+    lm = torch.nn.Linear(16, 50)
+    head = lambda h: lm(h).float()  # noqa: E731
+    head.vocab_size = 50
+    h = torch.randn(37, 16, requires_grad=True)
+    tgt = torch.randint(0, 50, (37,))
+    grads = []
+    for chunk_bytes in (2**30, 4 * 50 * 8):  # one call; chunks of 8 rows (5 chunks, the last of 5)
+        monkeypatch.setattr(B, "HEAD_CHUNK_BYTES", chunk_bytes)
+        out = B.token_logps(head, h, tgt)
+        (out * torch.linspace(0.5, 2, 37)).sum().backward()
+        grads.append((out.detach(), h.grad.clone(), lm.weight.grad.clone()))
+        h.grad, lm.weight.grad, lm.bias.grad = None, None, None
+    want = torch.log_softmax(lm(h), -1).gather(1, tgt[:, None]).squeeze(1)
+    torch.testing.assert_close(grads[0][0], want.detach(), atol=1e-6, rtol=0)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)

@@ -217,10 +217,14 @@ def test_gpu_config_trains_and_serves_a_hub_model_on_gpu(path):
 
 
 def test_cpu_configs_stay_on_cpu():
+    """...and offline: the embedded model or a GGUF file from an installed package, nothing downloaded."""
+    from cpo_ray.gguf import is_gguf
+
     for path in CONFIGS:
         if path not in GPU_CONFIGS:
             cfg = load_config(path)
-            assert not cfg.train.use_gpu and cfg.model.name_or_path == EMBEDDED_MODEL, path.name
+            name = cfg.model.name_or_path
+            assert not cfg.train.use_gpu and (name == EMBEDDED_MODEL or is_gguf(name)), path.name
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -26,7 +26,7 @@ def test_zero3_prefetches_and_accumulates_like_plain_torch(tiny_model_dir, deeps
     """Through engine(batch) (the root module), ZeRO-3 records its parameter trace on step 1 and prefetches
     from step 2 on; with grad_accum=2 the update equals plain torch on the sum of both micro-batches (called
     around the root, DeepSpeed 0.19.8 overwrote the first micro-batch's gradient and never prefetched)."""
-    from cpo_ray.batch import sequence_logps
+    from cpo_ray.batch import collate_padded, sequence_logps
     from cpo_ray.model import build_model
 
     over = [
@@ -44,11 +44,11 @@ def test_zero3_prefetches_and_accumulates_like_plain_torch(tiny_model_dir, deeps
     traces = []
     for step in range(2):
         for mb in range(2):
-            batch = collate(_batch(10 * step + mb))
-            logp, _ = engine(batch)
+            raw = _batch(10 * step + mb)
+            logp, _ = engine(collate(raw))  # the trainer's layout (shared prompts, cpo-ray's attention)
             engine.backward(-logp.sum())
             engine.step()
-            (-sequence_logps(ref, batch)[0].sum() / 2).backward()  # DeepSpeed averages over grad_accum
+            (-sequence_logps(ref, collate_padded(raw, 0))[0].sum() / 2).backward()  # DeepSpeed averages over grad_accum
             traces.append(
                 "complete"
                 if coordinator.is_complete_trace()

@@ -224,3 +224,20 @@ def test_report_files(tmp_path):
     assert pairs_file("org/tuned:v1") == "pairs_org_tuned_v1.jsonl"
     assert json.loads(json.dumps(result))  # eval.json content is JSON-serialisable
     assert not math.isnan(result["models"]["base"]["mean_margin"])
+
+
+def test_paired_comparison_mcnemar_and_bootstrap():
+    """McNemar's exact test on discordant pairs, worked by hand: the tuned model wins 9 pairs the base lost
+    and loses 1 the base won; p = 2 * P(X <= 1 | n=10, 1/2) = 2 * 11/1024 = 0.021484375."""
+    from cpo_ray.evaluate import compare
+
+    base = [{"correct": c} for c in [True] * 5 + [False] * 9 + [True] + [True] * 5]
+    tuned = [{"correct": c} for c in [True] * 5 + [True] * 9 + [False] + [True] * 5]
+    out = compare(base, tuned)
+    assert (out["only_model_correct"], out["only_baseline_correct"]) == (9, 1)
+    assert out["mcnemar_p"] == pytest.approx(2 * 11 / 1024)
+    assert out["accuracy_diff"] == pytest.approx(8 / 20)
+    lo, hi = out["diff_ci95"]
+    assert 0 < lo < 0.4 < hi < 0.8
+    same = compare(base, base)
+    assert same["mcnemar_p"] == 1.0 and same["diff_ci95"] == [0.0, 0.0]

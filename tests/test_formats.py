@@ -367,3 +367,28 @@ def test_hh_rlhf_harmless_test_split(tok):
         assert p.endswith("\n\nAssistant:") and p.startswith("\n\nHuman:")
     # Four pairs whose chosen answer is a lone space (the labeller preferred no answer at all).
     assert rejects == {i: ("empty_response", "chosen") for i in (86, 516, 925, 1103)}
+
+
+def test_chat_template_option_for_explicit_and_hh_text(bpe_tokenizer):
+    """data.chat_template: an explicit row is one user turn + one assistant turn; an HH dialogue becomes its
+    turns (Human -> user, Assistant -> assistant), split at the last shared assistant turn."""
+    tok = bpe_tokenizer
+    render = lambda msgs, gen=False: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    user = [{"role": "user", "content": "47 in words:"}]
+    p, c, r = normalize(
+        {"prompt": "47 in words:", "chosen": "forty-seven", "rejected": "seventy-four"}, "explicit", tok, chat=True
+    )
+    assert p == render(user, gen=True) and p.startswith("<s><|system|>")
+    assert p + c == render([*user, {"role": "assistant", "content": "forty-seven"}]) and c.startswith("forty-seven</s>")
+    assert r.startswith("seventy-four</s>")
+    hh = {
+        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: Sure, here is one.",
+        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: No.",
+    }
+    p, c, r = normalize(hh, "implicit", tok, chat=True)
+    turns = [("user", "Hi"), ("assistant", "Hello!"), ("user", "Joke?")]
+    assert p == render([{"role": a, "content": b} for a, b in turns], gen=True)
+    assert c.startswith("Sure, here is one.</s>") and r.startswith("No.</s>")
+    with pytest.raises(RowError) as e:
+        normalize({"chosen": "no turns here", "rejected": "nor here"}, "implicit", tok, chat=True)
+    assert e.value.reason == "unparseable_dialogue"

@@ -120,6 +120,19 @@ def test_pipeline_job_succeeds(private_cluster, tmp_path):
     log = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, log
     assert "succeeded" in proc.stdout.lower(), log
+    # What the job's user reads: the driver's console, between Ray's "Tailing logs" banner and its verdict.
+    console = proc.stdout.split("Tailing logs until the job exits", 1)[1].split("\n", 1)[1]
+    console = console.rsplit("------------------------------------------", 1)[0].strip().splitlines()
+    print("\n".join(["", "job console:", *console]))
+    assert len(console) < 60, "\n".join(console)
+    assert [ln for ln in console if ln.startswith("── ")][:3] == [
+        ln for ln in console if ln.startswith(("── prepare", "── train", "── eval"))
+    ]  # stage headers, in order
+    assert console[-1].startswith("report: ") and console[-1].endswith("report.html")
+    table = [ln for ln in console[-15:] if ln.startswith("|")]
+    assert table[0] == "| metric | base | tuned |" and console[-2] == table[-1]  # the table, then the report path
+    assert not [ln for ln in console if "INFO" in ln or "WARNING" in ln]  # framework lines went to the logs
+    assert (out / "logs" / "train.log").stat().st_size > 0
     assert (out / "report.html").exists() and (out / "final" / "model.safetensors").exists()
     result = json.loads((out / "eval" / "eval.json").read_text())
     assert set(result["models"]) == {"base", "tuned"}

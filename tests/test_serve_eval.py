@@ -73,6 +73,13 @@ def test_engine_settings_cpu_and_gpu(monkeypatch):
         "HF_HUB_OFFLINE": "1",
     }
     assert "TORCHDYNAMO_DISABLE" not in _env_vars("gpu", "/c", False)
+    from cpo_ray.serve import cpu_cores
+
+    # two models on 2 cores: one core each (scored at once); one model: both; 3 on 8: 2 each, disjoint
+    assert [cpu_cores(i, 2, 2) for i in range(2)] == ["0", "1"] and cpu_cores(0, 1, 2) == "0-1"
+    assert [cpu_cores(i, 3, 8) for i in range(3)] == ["0-1", "2-3", "4-5"]
+    env = _env_vars("cpu", "/c", True, "1")
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     monkeypatch.setenv("CPO_RAY_API_KEY", "from-env")
     assert resolve_api_key(ServeConfig()) == "from-env" and resolve_api_key(ServeConfig(api_key="k")) == "k"
 
