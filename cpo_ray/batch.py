@@ -1,13 +1,14 @@
-"""Micro-batches of preference pairs and the sequence log-probs of their REAL response tokens.
+"""Micro-batches of preference rows and the sequence log-probs of their REAL response tokens.
 
-A micro-batch of B pairs holds 2B sequences: chosen 0..B-1, then rejected B..2B-1, scored by ONE
-forward. Rows are either padded (one sequence per row, right padding) or packed (several sequences
-per row, position ids restarting at each, no padding inside). Either way the batch carries a flat
-list of scored positions:
+A micro-batch of B prompts, each with its chosen response and K_b >= 1 rejected ones, holds B + R sequences
+(R = sum K_b): chosen 0..B-1, then the rejected ones prompt by prompt (`rejected_group[j]` = the prompt of
+rejected j), scored by ONE forward. Rows are either padded (one sequence per row, right padding) or packed
+(several sequences per row, position ids restarting at each, no padding inside; or each prompt once with its
+responses attending to it, collate_shared). Either way the batch carries a flat list of scored positions:
 
     pred_idx[t]  flat index (row * L + col) of the position whose output predicts token t
     tgt_ids[t]   the real response token at the next position (prompt and padding never appear)
-    seq_idx[t]   which of the 2B sequences token t belongs to
+    seq_idx[t]   which of the B + R sequences token t belongs to
 
 so log p(y|x) = sum_t [logit(tgt_t) - logsumexp(logits)] per sequence, and only response positions
 go through the LM head: no [N, L, V] logits, no full-vocabulary log_softmax copy.
@@ -21,12 +22,31 @@ import torch
 from cpo_ray.contract import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
 
 
+def rejected_lists(batch: dict) -> list[list[np.ndarray]]:
+    """Each prompt's rejected responses (Ray Data gives list<list<int>> as nested object arrays)."""
+    return [list(rs) for rs in batch[REJECTED_IDS]]
+
+
 def _sequences(batch: dict) -> list[tuple[np.ndarray, int]]:
-    """(token ids, prompt length) for the 2B sequences: chosen first, then rejected."""
+    """(token ids, prompt length) for the B + R sequences: the chosen ones first, then the rejected."""
     prompts = batch[PROMPT_IDS]
     seqs = [(np.concatenate([p, c]), len(p)) for p, c in zip(prompts, batch[CHOSEN_IDS], strict=True)]
-    seqs += [(np.concatenate([p, r]), len(p)) for p, r in zip(prompts, batch[REJECTED_IDS], strict=True)]
+    seqs += [(np.concatenate([p, r]), len(p)) for p, rs in zip(prompts, rejected_lists(batch), strict=True) for r in rs]
     return seqs
+
+
+def chosen_only(batch: dict) -> dict:
+    """The batch without its rejected responses (the SFT warm-up trains on the chosen ones alone)."""
+    empty = np.empty(len(batch[PROMPT_IDS]), dtype=object)
+    empty[:] = [[] for _ in range(len(empty))]
+    return {**batch, REJECTED_IDS: empty}
+
+
+def _grouping(batch: dict) -> dict:
+    """The fields every collate adds: which prompt each rejected response belongs to, and the counts."""
+    k = [len(rs) for rs in batch[REJECTED_IDS]]
+    group = np.repeat(np.arange(len(k)), k).astype(np.int64)
+    return {"rejected_group": torch.from_numpy(group), "num_chosen": len(k), "num_seqs": len(k) + int(sum(k))}
 
 
 def _targets(seqs, starts_rows, width):
@@ -62,8 +82,8 @@ def collate_padded(batch: dict, pad_id: int) -> dict:
         "pred_idx": pred,
         "tgt_ids": tgt,
         "seq_idx": sid,
-        "num_seqs": len(seqs),
         "tokens": int(mask.sum()),
+        **_grouping(batch),
     }
 
 
@@ -104,8 +124,8 @@ def collate_packed(batch: dict, pad_id: int, row_tokens: int | None = None) -> d
         "pred_idx": pred,
         "tgt_ids": tgt,
         "seq_idx": sid,
-        "num_seqs": len(seqs),
         "tokens": int(sum(fill)),
+        **_grouping(batch),
     }
 
 
@@ -119,9 +139,9 @@ def length_grouped(buffers, micro_batch_size: int, rng: np.random.Generator):
     always the longest pairs.
     """
     for buf in buffers:
-        # prompt + the longer response: the width a pair needs when padded
+        # prompt + the longest response: the width a row needs when padded
         cols = zip(buf[PROMPT_IDS], buf[CHOSEN_IDS], buf[REJECTED_IDS], strict=True)
-        lengths = np.array([len(p) + max(len(c), len(r)) for p, c, r in cols], dtype=np.int64)
+        lengths = np.array([len(p) + max([len(c), *(len(r) for r in rs)]) for p, c, rs in cols], dtype=np.int64)
         keep = np.arange(len(lengths))
         if len(keep) % micro_batch_size:
             keep = np.sort(rng.choice(keep, len(keep) - len(keep) % micro_batch_size, replace=False))
@@ -153,22 +173,25 @@ def collate_varlen(batch: dict, pad_id: int) -> dict:
         "pred_idx": pred,
         "tgt_ids": tgt,
         "seq_idx": sid,
-        "num_seqs": len(seqs),
         "tokens": int(lengths.sum()),
+        **_grouping(batch),
     }
 
 
 def collate_shared(batch: dict, pad_id: int) -> dict:
-    """ONE padding-free row in which each pair is a group: its prompt ONCE, then the chosen, then the rejected
-    response. Each response attends to its prompt and to itself, never to the other response (the segments
-    go to cpo_ray.attention as `cpo_segments`), so the prompt's hidden states are computed once per pair
-    instead of once per sequence; positions of each response continue from the prompt's end. The first token
-    of every response is predicted by the prompt's last position (so that position's row is gathered twice).
+    """ONE padding-free row in which each prompt is a group: the prompt ONCE, then its chosen and each of its
+    rejected responses. Each response attends to its prompt and to itself, never to a sibling (the segments
+    go to cpo_ray.attention as `cpo_segments`), so a prompt's hidden states are computed once for its 1 + K
+    responses instead of once per sequence; positions of each response continue from the prompt's end. The
+    first token of every response is predicted by the prompt's last position (that row is gathered 1 + K
+    times).
 
-    The same log-probs as collate_varlen (tests), with len(prompt) fewer tokens per pair through the model.
-    Needs VARLEN_ATTENTION: no other kernel reads the segments.
+    The same log-probs as collate_varlen (tests), with K x len(prompt) fewer tokens per prompt through the
+    model. Needs VARLEN_ATTENTION: no other kernel reads the segments.
     """
-    prompts, n_pairs = batch[PROMPT_IDS], len(batch[PROMPT_IDS])
+    prompts, rejected = batch[PROMPT_IDS], rejected_lists(batch)
+    n_chosen = len(prompts)
+    first_rejected = n_chosen + np.cumsum([0] + [len(rs) for rs in rejected])  # sequence index of each group's
     ids, pos, segs, pred, tgt, sid = [], [], [], [], [], []
     off = seq_tokens = 0
     for b, p in enumerate(prompts):
@@ -177,7 +200,8 @@ def collate_shared(batch: dict, pad_id: int) -> dict:
         pos.append(np.arange(plen))
         segs.append((off, off + plen, off, off))  # the prompt: causal over itself, no prefix
         off += plen
-        for s, resp in ((b, batch[CHOSEN_IDS][b]), (n_pairs + b, batch[REJECTED_IDS][b])):
+        responses = [(b, batch[CHOSEN_IDS][b])] + [(first_rejected[b] + k, r) for k, r in enumerate(rejected[b])]
+        for s, resp in responses:
             n = len(resp)
             ids.append(resp)
             pos.append(np.arange(plen, plen + n))
@@ -196,9 +220,9 @@ def collate_shared(batch: dict, pad_id: int) -> dict:
         "pred_idx": torch.from_numpy(np.concatenate(pred).astype(np.int64)[order]),
         "tgt_ids": torch.from_numpy(np.concatenate(tgt).astype(np.int64)[order]),
         "seq_idx": torch.from_numpy(np.concatenate(sid).astype(np.int64)[order]),
-        "num_seqs": 2 * n_pairs,
         "tokens": seq_tokens,  # prompt + response per sequence, as the other collates count
         "tokens_computed": off,  # what actually goes through the model
+        **_grouping(batch),
     }
 
 

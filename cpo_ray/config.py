@@ -38,6 +38,8 @@ class SyntheticConfig(_Strict):
     max_number: int = 999_999  # largest number; more digits = a harder, longer task
     eval_fraction: float = 0.1  # share of the NUMBERS held out entirely for evaluation
     seed: int = 0  # same seed, same files
+    negatives: int = 1  # distinct near misses per number: 1 = pairs, K > 1 = a list of K rejected responses
+    eval_negatives: int | None = None  # near misses per held-out number; None = negatives
 
 
 class DataConfig(_Strict):
@@ -48,8 +50,14 @@ class DataConfig(_Strict):
     eval_split: float = 0.0  # with no eval_files: share of train rows held out (by a hash of the row's source)
     synthetic: SyntheticConfig | None = None  # set: generate the embedded numbers task instead of reading files
     # explicit / conversational / implicit (HH-RLHF) / sharegpt; auto detects per row (a few us per row)
-    format: Literal["auto", "explicit", "conversational", "implicit", "sharegpt"] = "auto"
+    format: Literal["auto", "explicit", "conversational", "implicit", "sharegpt", "ranked"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)  # {prompt|chosen|rejected|...: source field name}
+    # Write each row with K rejected responses as K one-rejected rows (the chosen repeated): what pairwise-only
+    # trainers require; costs K x the prompt and chosen compute of multi-negative training (for comparisons)
+    split_negatives: bool = False
+    # ranked rows: responses scored at least this far below the best one become its rejected responses
+    # (0 = every lower score); higher = only clear losers, fewer negatives per prompt
+    min_score_gap: float = 0.0
     # Render explicit strings (one user turn, one assistant turn) and HH-style "Human:/Assistant:" dialogues
     # with the tokenizer's chat template: what a chat model sees at inference. Off = the text as it is.
     chat_template: bool = False
@@ -62,7 +70,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        bad = set(self.columns) - {"prompt", "chosen", "rejected", "messages", "conversations"}
+        bad = set(self.columns) - {"prompt", "chosen", "rejected", "messages", "conversations", "responses", "scores"}
         if bad:
             raise ValueError(f"data.columns: unknown target field(s) {sorted(bad)}")
         if self.max_length < 4:
@@ -137,8 +145,12 @@ class TrainConfig(_Strict):
     max_grad_norm: float = 1.0  # gradient clipping (TRL: 1.0); 0 = off
     max_steps: int | None = None  # optimizer steps; None = as many as `epochs` allows
     epochs: int = 1  # passes over the training split (paper: 1); the run ends at whichever comes first
-    # CPO (Xu et al. 2024) and TRL CPOTrainer's variants; see cpo_ray.loss
-    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "alphapo"] = "sigmoid"  # sigmoid = the paper's L_prefer
+    # CPO (Xu et al. 2024) and TRL CPOTrainer's pairwise variants (averaged over a prompt's K rejected
+    # responses), or infonce: one softmax over the chosen and all K rejected per prompt; see cpo_ray.loss
+    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "alphapo", "infonce"] = "sigmoid"
+    length_normalize: bool = False  # infonce on length-averaged log-probs (ipo/simpo/alphapo always average)
+    # Warm start: the first N optimizer steps train the chosen NLL alone (SFT), then the configured CPO loss
+    sft_steps: int = 0
     beta: float = 0.1  # temperature of the preference term (paper: 0.1): higher = sharper, less tolerant margins
     cpo_alpha: float = 1.0  # weight of the chosen NLL term (paper: 1): 0 drops the behaviour-cloning regulariser
     label_smoothing: float = 0.0  # sigmoid/simpo only: assumed share of flipped labels (conservative DPO)
@@ -170,6 +182,8 @@ class TrainConfig(_Strict):
     def _check(self) -> TrainConfig:
         if self.loss_type in ("ipo", "hinge") and self.label_smoothing:
             raise ValueError(f"train.label_smoothing does not apply to loss_type={self.loss_type}")
+        if self.loss_type == "infonce" and (self.alpha or self.label_smoothing):
+            raise ValueError("train.loss_type=infonce takes neither train.alpha nor train.label_smoothing")
         if self.loss_type == "alphapo" and self.alpha == 0:
             raise ValueError("train.loss_type=alphapo needs train.alpha != 0")
         if self.offload_params and self.zero_stage != 3:

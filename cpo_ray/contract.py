@@ -18,7 +18,8 @@ from pathlib import Path
 TRAIN, EVAL = "train", "eval"
 SPLITS = (TRAIN, EVAL)
 
-# One tokenized pair per Parquet row (int32 lists): prompt once, each response once (see cpo_ray.tokenize).
+# One tokenized row per prompt (int32 lists): the prompt once, the chosen response, and K >= 1 rejected
+# responses as a list of lists (see cpo_ray.tokenize).
 PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS = "prompt_ids", "chosen_ids", "rejected_ids"
 PAIR_COLUMNS = (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS)
 TRUNCATED, SOURCE = "truncated", "source"  # bool; "file:line" (or "file:rowN") of the raw record
@@ -49,6 +50,9 @@ class Reject(StrEnum):
     IDENTICAL_RESPONSES = "identical_responses"
     IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
     UNPARSEABLE_DIALOGUE = "unparseable_dialogue"  # implicit format: no assistant turn before the difference
+    BAD_SCORES = "bad_scores"  # ranked format: scores missing, not numbers, or not one per response
+    TIED_SCORES = "tied_scores"  # ranked format: two responses share the best score (no chosen)
+    NO_NEGATIVE = "no_negative"  # ranked format: no response scored data.min_score_gap below the best
     BAD_RECORD = "bad_record"  # catch-all for an unexpected exception: a bug to report, never expected
 
 
@@ -58,7 +62,8 @@ METRIC_KEYS = (
     "nll_loss",
     "rewards/chosen",
     "rewards/rejected",
-    "rewards/accuracies",
+    "rewards/accuracies",  # the chosen beats its hardest (so every) rejected response
+    "rewards/pair_accuracies",  # share of (chosen, rejected) comparisons won; = accuracies with one rejected
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
@@ -72,8 +77,6 @@ PHASE_KEYS = (
     "time/optimizer_s",
     "time/metrics_sync_s",
 )
-# In-training held-out scores (cpo_ray.heldout).
-HELDOUT_KEYS = ("eval/accuracy", "eval/margin", "eval/n")
 
 API_KEY_ENV = "CPO_RAY_API_KEY"  # Bearer key of the served API, when serve.api_key is not set
 

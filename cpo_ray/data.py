@@ -23,7 +23,19 @@ import numpy as np
 import pyarrow as pa
 
 from cpo_ray.config import Config, DataConfig
-from cpo_ray.contract import EVAL, KEPT_COLUMNS, PAIR_COLUMNS, SOURCE, TRAIN, TRUNCATED, Reject, RunPaths
+from cpo_ray.contract import (
+    CHOSEN_IDS,
+    EVAL,
+    KEPT_COLUMNS,
+    PAIR_COLUMNS,
+    PROMPT_IDS,
+    REJECTED_IDS,
+    SOURCE,
+    TRAIN,
+    TRUNCATED,
+    Reject,
+    RunPaths,
+)
 from cpo_ray.tokenize import RowError, Special, tokenize_batch
 
 READ_BATCH = 1024
@@ -33,7 +45,9 @@ MAX_EXAMPLES = 5  # file:line examples kept per reject reason
 # What the tokenize stage emits per row read: the kept columns, plus why a row was rejected.
 OUT_SCHEMA = pa.schema(
     [
-        *[(c, pa.list_(pa.int32())) for c in PAIR_COLUMNS],
+        (PROMPT_IDS, pa.list_(pa.int32())),
+        (CHOSEN_IDS, pa.list_(pa.int32())),
+        (REJECTED_IDS, pa.list_(pa.list_(pa.int32()))),  # K >= 1 rejected responses per prompt
         (TRUNCATED, pa.bool_()),
         ("boundary_merge", pa.bool_()),  # a merge across prompt|response moved a token (cpo_ray.tokenize)
         (SOURCE, pa.string()),
@@ -264,8 +278,8 @@ class Tokenize:
             raise RowError(Reject.NOT_AN_OBJECT, f"a record must be a JSON object, got {type(rec).__name__}")
         cols = self.cfg.columns or None
         fmt = detect_format(rec, cols) if self.cfg.format == "auto" else self.cfg.format
-        triple = normalize(rec, fmt, self.tok, cols, chat=self.cfg.chat_template)
-        for name, text in zip(("prompt", "chosen", "rejected"), triple, strict=True):
+        triple = normalize(rec, fmt, self.tok, cols, chat=self.cfg.chat_template, min_score_gap=self.cfg.min_score_gap)
+        for name, text in (("prompt", triple[0]), ("chosen", triple[1]), *(("rejected", r) for r in triple[2])):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
@@ -340,19 +354,33 @@ def _held_out(source: str, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
+def split_negatives(table: pa.Table) -> pa.Table:
+    """Each row with K rejected responses as K rows of one (prompt and chosen repeated), in order."""
+    import pyarrow.compute as pc
+
+    k = pc.list_value_length(table.column(REJECTED_IDS))
+    parent = np.repeat(np.arange(table.num_rows), k.to_numpy(zero_copy_only=False))
+    out = table.take(pa.array(parent, pa.int64()))
+    one = pa.ListArray.from_arrays(
+        pa.array(np.arange(len(parent) + 1, dtype=np.int32)), pc.list_flatten(table.column(REJECTED_IDS))
+    )
+    return out.set_column(out.schema.get_field_index(REJECTED_IDS), REJECTED_IDS, one)
+
+
 class _SplitWriter:
     """Streams kept rows of one split to Parquet shards and accounts for every row it is shown."""
 
-    def __init__(self, out_dir: Path, rows_per_file: int):
+    def __init__(self, out_dir: Path, rows_per_file: int, explode: bool = False):
         out_dir.mkdir(parents=True, exist_ok=True)
         for old in out_dir.glob("*.parquet"):
             old.unlink()
-        self.out_dir, self.rows_per_file = out_dir, rows_per_file
+        self.out_dir, self.rows_per_file, self.explode, self.written = out_dir, rows_per_file, explode, 0
         self.writer, self.in_file, self.files = None, 0, []
         self.read = self.truncated = self.merges = 0
         self.reasons: Counter = Counter()
         self.examples: dict[str, list[str]] = defaultdict(list)
         self.lens: dict[str, list[int]] = {c: [] for c in PAIR_COLUMNS}
+        self.negatives: Counter = Counter()  # rows by their number of rejected responses
 
     def add(self, table: pa.Table) -> None:
         import pyarrow.compute as pc
@@ -368,8 +396,13 @@ class _SplitWriter:
         self.merges += int(pc.sum(kept.column("boundary_merge")).as_py() or 0)
         kept = kept.select(list(KEPT_COLUMNS))
         self.truncated += int(pc.sum(kept.column(TRUNCATED)).as_py() or 0)
-        for c in self.lens:
+        for c in (PROMPT_IDS, CHOSEN_IDS):
             self.lens[c] += pc.list_value_length(kept.column(c)).to_pylist()
+        self.lens[REJECTED_IDS] += pc.list_value_length(pc.list_flatten(kept.column(REJECTED_IDS))).to_pylist()
+        self.negatives.update(pc.list_value_length(kept.column(REJECTED_IDS)).to_pylist())
+        if self.explode:
+            kept = split_negatives(kept)
+        self.written += kept.num_rows
         while kept.num_rows:
             if self.writer is None:
                 path = self.out_dir / f"part-{len(self.files):05d}.parquet"
@@ -395,6 +428,8 @@ class _SplitWriter:
             "examples": dict(self.examples),
             "truncated": self.truncated,
             "boundary_merges": self.merges,
+            "rejected_per_prompt": {str(k): v for k, v in sorted(self.negatives.items())},
+            "rows_written": self.written,  # rows_kept, or more with data.split_negatives
             "tokens": {c.removesuffix("_ids"): _stats(v) for c, v in self.lens.items()},
             "parquet": self.files,
         }
@@ -433,9 +468,13 @@ def prepare(cfg: Config, model_path: str) -> dict:
     carve = not eval_files and cfg.data.eval_split > 0  # hold out rows of the train files by hash
     report: dict = {"model": model_path, "max_length": cfg.data.max_length, "splits": {}}
     for split, files in inputs.items():
-        writers = {split: _SplitWriter(paths.split_dir(split), cfg.data.rows_per_file)}
+        writers = {
+            split: _SplitWriter(
+                paths.split_dir(split), cfg.data.rows_per_file, cfg.data.split_negatives and split == TRAIN
+            )
+        }
         if carve:
-            writers[EVAL] = _SplitWriter(paths.split_dir(EVAL), cfg.data.rows_per_file)
+            writers[EVAL] = _SplitWriter(paths.split_dir(EVAL), cfg.data.rows_per_file)  # held-out rows keep their K
         try:
             for batch in tokenized_dataset(files, cfg, model_path).iter_batches(
                 batch_format="pyarrow", batch_size=None

@@ -73,21 +73,28 @@ def sum_echo_logprobs(token_logprobs: list, n_tokens: int, start: int) -> float:
     return float(sum(token_logprobs[start:n_tokens]))
 
 
-def pair_row(index: int, pair: dict, logp_chosen: float, logp_rejected: float) -> dict:
-    n_c, n_r = len(pair[CHOSEN_IDS]), len(pair[REJECTED_IDS])
-    mean_c, mean_r = logp_chosen / n_c, logp_rejected / n_r
-    margin = logp_chosen - logp_rejected
+def pair_row(index: int, pair: dict, logp_chosen: float, logp_rejected: float | list[float]) -> dict:
+    """One held-out prompt's scores. With K rejected responses, `logp_rejected` / `len_rejected` / `margin` are
+    the hardest one's (the most likely), `correct` means the chosen beats all K, `pairs_won` counts how many."""
+    scores = logp_rejected if isinstance(logp_rejected, list) else [logp_rejected]
+    rejected = pair[REJECTED_IDS] if scores is logp_rejected else [pair[REJECTED_IDS]]
+    n_c, n_r = len(pair[CHOSEN_IDS]), [len(r) for r in rejected]
+    hardest = max(range(len(scores)), key=lambda k: scores[k])
+    mean_c, mean_r = logp_chosen / n_c, [s / n for s, n in zip(scores, n_r, strict=True)]
+    margin = logp_chosen - scores[hardest]
     return {
         "index": index,
         "logp_chosen": logp_chosen,
-        "logp_rejected": logp_rejected,
+        "logp_rejected": scores[hardest],
         "len_chosen": n_c,
-        "len_rejected": n_r,
+        "len_rejected": n_r[hardest],
         "mean_logp_chosen": mean_c,
-        "mean_logp_rejected": mean_r,
+        "mean_logp_rejected": max(mean_r),
         "margin": margin,
         "correct": margin > 0,
-        "correct_norm": mean_c > mean_r,
+        "correct_norm": mean_c > max(mean_r),
+        "logp_rejected_all": scores,
+        "pairs_won": sum(logp_chosen > s for s in scores),
     }
 
 
@@ -101,9 +108,12 @@ def summarize(rows: list[dict]) -> dict:
             "median_margin": None,
         }
     margins = [r["margin"] for r in rows]
+    pairs = sum(len(r.get("logp_rejected_all", [0])) for r in rows)
     return {
         "n": len(rows),
         "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        "pair_accuracy": sum(r.get("pairs_won", r["correct"]) for r in rows) / pairs,
+        "rejected_per_prompt": pairs / len(rows),
         "accuracy_length_normalised": sum(r["correct_norm"] for r in rows) / len(rows),
         "mean_margin": statistics.fmean(margins),
         "median_margin": statistics.median(margins),
@@ -170,15 +180,15 @@ class EndpointScorer:
             + (f". Server said: {'; '.join(said)}" if said else "")
         )
 
-    async def score(self, pairs: list[dict]) -> list[tuple[float, float]]:
-        """(logp chosen, logp rejected) per pair, all pairs in ONE request (2 prompts per pair)."""
+    async def score(self, pairs: list[dict]) -> list[tuple[float, list[float]]]:
+        """(logp chosen, [logp rejected, ...]) per prompt, all in ONE request (1 + K sequences per prompt)."""
         import openai
 
         seqs, starts = [], []
         for pair in pairs:
             prompt = list(pair[PROMPT_IDS])
-            seqs += [prompt + list(pair[CHOSEN_IDS]), prompt + list(pair[REJECTED_IDS])]
-            starts += [len(prompt)] * 2
+            seqs += [prompt + list(r) for r in (pair[CHOSEN_IDS], *pair[REJECTED_IDS])]
+            starts += [len(prompt)] * (1 + len(pair[REJECTED_IDS]))
         if self.mode is None:
             sums = await self._probe(seqs, starts)
         else:
@@ -191,7 +201,12 @@ class EndpointScorer:
                 ) from e
             if sums is None:
                 raise LogprobsUnavailable(f"{self.model}: a response came back without log-probs")
-        return list(zip(sums[0::2], sums[1::2], strict=True))
+        out, at = [], 0
+        for pair in pairs:
+            k = len(pair[REJECTED_IDS])
+            out.append((sums[at], sums[at + 1 : at + 1 + k]))
+            at += 1 + k
+        return out
 
 
 async def _score_model(client, model, pairs, cfg: EvalConfig, per_request: int) -> tuple[list[dict], str]:

@@ -1,37 +1,42 @@
-"""Turn one raw preference record into a (prompt, chosen, rejected) triple of text.
+"""Turn one raw preference record into (prompt, chosen, [rejected, ...]) text: K >= 1 rejected responses.
 
-Four input formats (TRL's names), detected per record or named in DataConfig.format:
+Five input formats (TRL's names, plus ranked), detected per record or named in DataConfig.format:
 
-    explicit        {"prompt": str, "chosen": str, "rejected": str}
-    conversational  {"prompt": [msgs]?, "chosen": [msgs], "rejected": [msgs]}  (msgs = {role, content})
-    implicit        {"chosen": str, "rejected": str}: whole HH-RLHF dialogues sharing a prefix
-    sharegpt        {"conversations": [{from, value}], "chosen": {from, value}, "rejected": {from, value}}
+    explicit        {"prompt": str, "chosen": str, "rejected": str | [str, ...]}
+    conversational  {"prompt": [msgs]?, "chosen": [msgs], "rejected": [msgs] | [[msgs], ...]}  (msgs = {role, content})
+    implicit        {"chosen": str, "rejected": str | [str, ...]}: whole HH-RLHF dialogues sharing a prefix
+    sharegpt        {"conversations": [{from, value}], "chosen": {from, value}, "rejected": {from, value} | [[...], ...]}
+    ranked          {"prompt": str | [msgs], "responses": [str | [msgs], ...], "scores": [number, ...]}: the best
+                    scored response is chosen, every one scored at least data.min_score_gap below it is rejected
 
-Messages are rendered with the tokenizer's chat template, so the text is what the model sees at
-inference; tokenization (BOS on the prompt, EOS after each response) happens in cpo_ray.tokenize.
-A record that cannot be used raises RowError(reason, message, field), `field` being the source field
-name (after DataConfig.columns mapping). A tokenizer without a chat template is a config error and
-raises ValueError, not RowError.
+A list of responses where one response is expected means several rejected ones (for message-list formats:
+a list of message lists). Messages are rendered with the tokenizer's chat template, so the text is what the
+model sees at inference; tokenization (BOS on the prompt, EOS after each response) happens in
+cpo_ray.tokenize. A record that cannot be used raises RowError(reason, message, field), `field` being the
+source field name (after DataConfig.columns mapping). A tokenizer without a chat template is a config error
+and raises ValueError, not RowError.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
 from cpo_ray.contract import Reject
 from cpo_ray.tokenize import RowError
 
-FORMATS = ("explicit", "conversational", "implicit", "sharegpt")
+FORMATS = ("explicit", "conversational", "implicit", "sharegpt", "ranked")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 HH_ASSISTANT = "\n\nAssistant:"
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 ROLE_OF = {"Human": "user", "Assistant": "assistant"}
+TARGETS = ("prompt", "chosen", "rejected", "conversations", "responses", "scores")
 
 
 def _names(columns: dict[str, str] | None) -> dict[str, str]:
-    names = {k: k for k in ("prompt", "chosen", "rejected", "conversations")}
+    names = {k: k for k in TARGETS}
     names.update(columns or {})
     return names
 
@@ -54,12 +59,25 @@ def _is_messages(value, key: str) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and key in m for m in value)
 
 
+def _several(value) -> bool:
+    """A field holding several responses: a non-empty list of strings, or of lists (message lists)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str | list) for v in value)
+
+
+def _options(value) -> list:
+    """The rejected field as a list of single responses."""
+    return value if _several(value) else [value]
+
+
 def detect_format(record: dict, columns: dict[str, str] | None = None) -> str:
     """The format of one record by the shape of its fields; RowError(Reject.UNKNOWN_FORMAT) if none fits."""
     if not isinstance(record, dict):
         raise RowError(Reject.UNKNOWN_FORMAT, f"record is a {type(record).__name__}, not a mapping")
     names = _names(columns)
+    if names["responses"] in record and names["scores"] in record:
+        return "ranked"
     chosen, rejected = record.get(names["chosen"]), record.get(names["rejected"])
+    rejected = rejected[0] if _several(rejected) else rejected  # K negatives: the shape of one
     if names["conversations"] in record and all(
         (isinstance(x, dict) and "from" in x) or _is_messages(x, "from") for x in (chosen, rejected)
     ):
@@ -105,46 +123,54 @@ def _check_response(msgs: list[dict], field: str) -> None:
         )
 
 
-def _split_messages(chosen: list[dict], rejected: list[dict], names: dict[str, str]):
-    """Implicit conversational: the shared messages before the last assistant turn at or before the
-    first difference are the prompt (TRL's maybe_extract_prompt, but never cutting inside a turn pair)."""
-    d = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), None)
-    if d is None:
-        if len(chosen) == len(rejected):
-            raise RowError(Reject.IDENTICAL_RESPONSES, "chosen and rejected are the same messages", names["rejected"])
-        d = min(len(chosen), len(rejected))
+def _split_messages(chosen: list[dict], rejected: list[list[dict]], names: dict[str, str]):
+    """Implicit conversational: the messages shared by all sides before the last assistant turn at or before
+    the first difference are the prompt (TRL's maybe_extract_prompt, but never cutting inside a turn pair)."""
+    d = None
+    for other in rejected:
+        di = next((i for i, (a, b) in enumerate(zip(chosen, other, strict=False)) if a != b), None)
+        if di is None:
+            if len(chosen) == len(other):
+                raise RowError(
+                    Reject.IDENTICAL_RESPONSES, "chosen and rejected are the same messages", names["rejected"]
+                )
+            di = min(len(chosen), len(other))
+        d = di if d is None else min(d, di)
+    sides = [chosen, *rejected]
     for i in range(d, -1, -1):
-        starts = [side[i]["role"] if i < len(side) else None for side in (chosen, rejected)]
-        if starts == ["assistant", "assistant"]:
+        if all(i < len(side) and side[i]["role"] == "assistant" for side in sides):
             if i == 0:
                 raise RowError(Reject.EMPTY_PROMPT, "no messages precede the first assistant turn", names["chosen"])
-            return chosen[:i], chosen[i:], rejected[i:]
+            return chosen[:i], chosen[i:], [side[i:] for side in rejected]
     raise RowError(
         Reject.UNPARSEABLE_DIALOGUE, "no assistant turn at or before where the sides differ", names["chosen"]
     )
 
 
-def _render(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict], names: dict, prompt_field: str):
-    """Template prompt (with generation prompt) and prompt+response; the response is the full text minus
+def _render(
+    tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[list[dict]], names: dict, prompt_field: str
+):
+    """Template prompt (with generation prompt) and each prompt+response; a response is the full text minus
     the prompt text, so prompt + response is exactly what the template renders for the whole dialogue."""
     if not prompt:
         raise RowError(Reject.EMPTY_PROMPT, f"{prompt_field!r} has no messages", prompt_field)
     _check_response(chosen, names["chosen"])
-    _check_response(rejected, names["rejected"])
+    for r in rejected:
+        _check_response(r, names["rejected"])
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    out = [prompt_text]
-    for target, msgs in (("chosen", chosen), ("rejected", rejected)):
+    out = []
+    for target, msgs in (("chosen", chosen), *(("rejected", r) for r in rejected)):
         full = tokenizer.apply_chat_template(prompt + msgs, tokenize=False)
         if not full.startswith(prompt_text):
             msg = f"chat template renders prompt+{target} without the prompt's text as its start"
             raise RowError(Reject.BAD_MESSAGES, msg, names[target])
         out.append(full[len(prompt_text) :])
-    return tuple(out)
+    return prompt_text, out[0], out[1:]
 
 
 def _conversational(record: dict, tokenizer, names: dict[str, str]):
     chosen = _messages(_get(record, "chosen", names), names["chosen"])
-    rejected = _messages(_get(record, "rejected", names), names["rejected"])
+    rejected = [_messages(r, names["rejected"]) for r in _options(_get(record, "rejected", names))]
     # A null prompt counts as absent: Arrow readers fill a column missing from some rows with nulls.
     if record.get(names["prompt"]) is not None:
         prompt = _messages(record[names["prompt"]], names["prompt"])
@@ -170,17 +196,19 @@ def _sharegpt_messages(value, field: str) -> list[dict]:
 def _sharegpt(record: dict, tokenizer, names: dict[str, str]):
     prompt = _sharegpt_messages(_get(record, "conversations", names), names["conversations"])
     chosen = _sharegpt_messages(_get(record, "chosen", names), names["chosen"])
-    rejected = _sharegpt_messages(_get(record, "rejected", names), names["rejected"])
+    raw = _get(record, "rejected", names)
+    options = raw if isinstance(raw, list) and raw and all(isinstance(r, list) for r in raw) else [raw]
+    rejected = [_sharegpt_messages(r, names["rejected"]) for r in options]
     return _render(tokenizer, prompt, chosen, rejected, names, names["conversations"])
 
 
-def _implicit_text(chosen: str, rejected: str, names: dict[str, str]):
-    """HH-RLHF: the prompt ends with the last complete "\\n\\nAssistant:" inside the shared prefix, so a
-    difference inside the marker, or one side ending early, falls back to the turn before; the remainders
-    keep their leading space, and prompt + response reproduces each side exactly."""
-    if chosen == rejected:
+def _implicit_text(chosen: str, rejected: list[str], names: dict[str, str]):
+    """HH-RLHF: the prompt ends with the last complete "\\n\\nAssistant:" inside the prefix all dialogues share,
+    so a difference inside the marker, or one side ending early, falls back to the turn before; the
+    remainders keep their leading space, and prompt + response reproduces each side exactly."""
+    if any(r == chosen for r in rejected):
         raise RowError(Reject.IDENTICAL_RESPONSES, "chosen and rejected dialogues are identical", names["rejected"])
-    shared = os.path.commonprefix([chosen, rejected])
+    shared = os.path.commonprefix([chosen, *rejected])
     cut = shared.rfind(HH_ASSISTANT)
     if cut < 0:
         msg = 'no "\\n\\nAssistant:" turn precedes where chosen and rejected differ'
@@ -188,44 +216,87 @@ def _implicit_text(chosen: str, rejected: str, names: dict[str, str]):
     end = cut + len(HH_ASSISTANT)
     if not chosen[:cut].strip():
         raise RowError(Reject.EMPTY_PROMPT, "nothing precedes the first assistant turn", names["chosen"])
-    return chosen[:end], chosen[end:], rejected[end:]
+    return chosen[:end], chosen[end:], [r[end:] for r in rejected]
 
 
 def _hh_messages(text: str, field: str) -> list[dict]:
-    """An HH-RLHF dialogue ("\n\nHuman: ...\n\nAssistant: ...") as user/assistant messages."""
+    """An HH-RLHF dialogue ("\\n\\nHuman: ...\\n\\nAssistant: ...") as user/assistant messages."""
     parts = HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
         raise RowError(Reject.UNPARSEABLE_DIALOGUE, f"{field!r} does not start with a Human:/Assistant: turn", field)
     return [{"role": ROLE_OF[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2], strict=True)]
 
 
+def _strings(record: dict, names: dict[str, str]) -> tuple[str, list[str]]:
+    chosen = _string(_get(record, "chosen", names), names["chosen"])
+    return chosen, [_string(r, names["rejected"]) for r in _options(_get(record, "rejected", names))]
+
+
+def _explicit_prompt(record: dict, names: dict[str, str]) -> str:
+    prompt = _string(_get(record, "prompt", names), names["prompt"])
+    if not prompt.strip():
+        raise RowError(Reject.EMPTY_PROMPT, f"{names['prompt']!r} is empty", names["prompt"])
+    return prompt
+
+
 def _as_chat(record: dict, fmt: str, tokenizer, names: dict[str, str]):
     """data.chat_template: explicit strings become one user and one assistant turn, HH dialogues their turns,
     rendered with the tokenizer's chat template like conversational rows."""
-    chosen = _string(_get(record, "chosen", names), names["chosen"])
-    rejected = _string(_get(record, "rejected", names), names["rejected"])
+    chosen, rejected = _strings(record, names)
     if fmt == "explicit":
-        prompt = _string(_get(record, "prompt", names), names["prompt"])
-        if not prompt.strip():
-            raise RowError(Reject.EMPTY_PROMPT, f"{names['prompt']!r} is empty", names["prompt"])
-        turn = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
-        return _render(
-            tokenizer, [{"role": "user", "content": prompt}], turn(chosen), turn(rejected), names, names["prompt"]
+        user = [{"role": "user", "content": _explicit_prompt(record, names)}]
+        turns = [[{"role": "assistant", "content": text}] for text in (chosen, *rejected)]
+        return _render(tokenizer, user, turns[0], turns[1:], names, names["prompt"])
+    hh = [_hh_messages(r, names["rejected"]) for r in rejected]
+    return _render(
+        tokenizer, *_split_messages(_hh_messages(chosen, names["chosen"]), hh, names), names, names["chosen"]
+    )
+
+
+def _ranked(record: dict, names: dict[str, str], min_score_gap: float) -> dict:
+    """The ranked row as an explicit or conversational one: the best-scored response is chosen, those scored
+    at least min_score_gap below it rejected (hardest first); ties for the best and bad scores are rejects."""
+    responses, scores = _get(record, "responses", names), _get(record, "scores", names)
+    field = names["scores"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise RowError(
+            Reject.BAD_MESSAGES, f"{names['responses']!r} must list at least 2 responses", names["responses"]
         )
-    msgs = _split_messages(_hh_messages(chosen, names["chosen"]), _hh_messages(rejected, names["rejected"]), names)
-    return _render(tokenizer, *msgs, names, names["chosen"])
+    if not isinstance(scores, list) or len(scores) != len(responses):
+        raise RowError(Reject.BAD_SCORES, f"{field!r} must hold one number per response ({len(responses)})", field)
+    if not all(isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
+        raise RowError(Reject.BAD_SCORES, f"{field!r} holds a value that is not a finite number", field)
+    best = max(scores)
+    if scores.count(best) > 1:
+        raise RowError(Reject.TIED_SCORES, f"{scores.count(best)} responses share the best score {best}", field)
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    rejected = [responses[i] for i in order[1:] if scores[i] <= best - min_score_gap]
+    if not rejected:
+        raise RowError(
+            Reject.NO_NEGATIVE, f"no response scored at least {min_score_gap} below the best ({best})", field
+        )
+    return {"prompt": record.get(names["prompt"]), "chosen": responses[order[0]], "rejected": rejected}
 
 
 def normalize(
-    record: dict, fmt: str, tokenizer, columns: dict[str, str] | None = None, chat: bool = False
-) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) text of one record in format `fmt` ("auto" detects it per record). With
-    `chat`, explicit and HH-style string rows go through the tokenizer's chat template (see _as_chat)."""
+    record: dict,
+    fmt: str,
+    tokenizer,
+    columns: dict[str, str] | None = None,
+    chat: bool = False,
+    min_score_gap: float = 0.0,
+) -> tuple[str, str, list[str]]:
+    """(prompt, chosen, [rejected, ...]) text of one record in format `fmt` ("auto" detects it per record).
+    With `chat`, explicit and HH-style string rows go through the tokenizer's chat template (see _as_chat)."""
     if fmt == "auto":
         fmt = detect_format(record, columns)
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS} or 'auto'")
     names = _names(columns)
+    if fmt == "ranked":
+        record = _ranked(record, names, min_score_gap)
+        names = _names(None)
+        fmt = "explicit" if isinstance(record["chosen"], str) else "conversational"
     if fmt == "sharegpt":
         prompt, chosen, rejected = _sharegpt(record, tokenizer, names)
     elif fmt == "conversational":
@@ -237,17 +308,16 @@ def normalize(
         record = {k: v for k, v in record.items() if k != names["prompt"]}
         prompt, chosen, rejected = _conversational(record, tokenizer, names)
     else:
-        chosen = _string(_get(record, "chosen", names), names["chosen"])
-        rejected = _string(_get(record, "rejected", names), names["rejected"])
+        chosen, rejected = _strings(record, names)
         if fmt == "explicit":
-            prompt = _string(_get(record, "prompt", names), names["prompt"])
-            if not prompt.strip():
-                raise RowError(Reject.EMPTY_PROMPT, f"{names['prompt']!r} is empty", names["prompt"])
+            prompt = _explicit_prompt(record, names)
         else:
             prompt, chosen, rejected = _implicit_text(chosen, rejected, names)
-    for target, text in (("chosen", chosen), ("rejected", rejected)):
+    for target, text in (("chosen", chosen), *(("rejected", r) for r in rejected)):
         if not text.strip():
             raise RowError(Reject.EMPTY_RESPONSE, f"{names[target]!r} is empty or whitespace", names[target])
-    if chosen == rejected:
+    if chosen in rejected:
         raise RowError(Reject.IDENTICAL_RESPONSES, "chosen and rejected are the same text", names["rejected"])
+    if len(set(rejected)) < len(rejected):
+        raise RowError(Reject.IDENTICAL_RESPONSES, "two rejected responses are the same text", names["rejected"])
     return prompt, chosen, rejected

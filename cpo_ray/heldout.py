@@ -27,10 +27,18 @@ def load_heldout_rows(split_dir: Path, rank: int, world: int) -> list[dict]:
     return [dict(r, index=i) for i, r in enumerate(rows) if i % world == rank]
 
 
+def _objects(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
 def as_batch(rows: list[dict]) -> dict:
     """Rows of int lists -> the numpy object-array columns Ray Data yields (what the collators take)."""
     return {
-        k: np.array([np.asarray(r[k], dtype=np.int64) for r in rows] + [None], dtype=object)[:-1] for k in PAIR_COLUMNS
+        PROMPT_IDS: _objects([np.asarray(r[PROMPT_IDS], dtype=np.int64) for r in rows]),
+        CHOSEN_IDS: _objects([np.asarray(r[CHOSEN_IDS], dtype=np.int64) for r in rows]),
+        REJECTED_IDS: _objects([[np.asarray(x, dtype=np.int64) for x in r[REJECTED_IDS]] for r in rows]),
     }
 
 
@@ -48,22 +56,34 @@ def score_heldout(
     n_local = torch.tensor([math.ceil(len(rows) / batch_size)], device=engine.device)
     if world > 1:
         dist.all_reduce(n_local, op=dist.ReduceOp.MAX)
-    dummy = [{PROMPT_IDS: [pad_id], CHOSEN_IDS: [pad_id], REJECTED_IDS: [pad_id]}]
+    dummy = [{PROMPT_IDS: [pad_id], CHOSEN_IDS: [pad_id], REJECTED_IDS: [[pad_id]]}]
     engine.eval()
     out = []
     with torch.no_grad():
         for b in range(int(n_local.item())):
             chunk = rows[b * batch_size : (b + 1) * batch_size]
             logp, _ = engine(collate(as_batch(chunk or dummy)))
-            k = len(chunk)
-            for r, c, j in zip(chunk, logp[:k].tolist(), logp[k : 2 * k].tolist(), strict=True):
-                out.append({"index": r["index"], "logp_chosen": c, "logp_rejected": j})
+            logp, at = logp.tolist(), len(chunk)
+            for i, r in enumerate(chunk):
+                rejected = logp[at : at + len(r[REJECTED_IDS])]
+                at += len(rejected)
+                # logp_rejected: the hardest (most likely) rejected response; all of them follow
+                out.append(
+                    {
+                        "index": r["index"],
+                        "logp_chosen": logp[i],
+                        "logp_rejected": max(rejected),
+                        "logp_rejected_all": rejected,
+                    }
+                )
     engine.train()
     local = torch.tensor(
         [
             len(out),
-            sum(o["logp_chosen"] > o["logp_rejected"] for o in out),
+            sum(o["logp_chosen"] > o["logp_rejected"] for o in out),  # beats the hardest, so every rejected
             sum(o["logp_chosen"] - o["logp_rejected"] for o in out),
+            sum(sum(o["logp_chosen"] > r for r in o["logp_rejected_all"]) for o in out),
+            sum(len(o["logp_rejected_all"]) for o in out),
         ],
         dtype=torch.float64,
         device=engine.device,
@@ -75,4 +95,5 @@ def score_heldout(
         out = [o for part in gathered for o in part]
     n = max(local[0].item(), 1)
     scores = {"eval/accuracy": local[1].item() / n, "eval/margin": local[2].item() / n, "eval/n": int(local[0].item())}
+    scores["eval/pair_accuracy"] = local[3].item() / max(local[4].item(), 1)  # = accuracy with one rejected
     return scores, sorted(out, key=lambda o: o["index"])

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from cpo_ray.config import EMBEDDED_MODEL, Config, TrainConfig
-from cpo_ray.contract import ADAPTER, CHOSEN_IDS, FINAL, PAIR_COLUMNS, PROMPT_IDS, REJECTED_IDS, RunPaths
+from cpo_ray.contract import ADAPTER, CHOSEN_IDS, FINAL, PROMPT_IDS, REJECTED_IDS, RunPaths
 
 
 def resolve_model_path(cfg: Config) -> str:
@@ -143,27 +143,33 @@ def verify_logps(model, collate, atol: float = 1e-4) -> float:
 
     from cpo_ray.batch import sequence_logps
     from cpo_ray.heads import _hf
+    from cpo_ray.heldout import as_batch
 
     hf = _hf(model)
     vocab = hf.config.get_text_config().vocab_size
     rng = np.random.default_rng(0)
-    obj = lambda xs: np.array([*xs, None], dtype=object)[:-1]  # noqa: E731
-    lens = [(7, 5, 3), (4, 2, 6)]  # (prompt, chosen, rejected) tokens per pair
-    batch = {k: obj(rng.integers(3, vocab, n[i]) for n in lens) for i, k in enumerate(PAIR_COLUMNS)}
+    ids = lambda n: rng.integers(3, vocab, n)  # noqa: E731
+    rows = [  # two prompts, one rejected response and two
+        {PROMPT_IDS: ids(7), CHOSEN_IDS: ids(5), REJECTED_IDS: [ids(3)]},
+        {PROMPT_IDS: ids(4), CHOSEN_IDS: ids(2), REJECTED_IDS: [ids(6), ids(3)]},
+    ]
+    batch = as_batch(rows)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         got, _ = sequence_logps(model, collate(batch))
-        want = []
-        for side in (CHOSEN_IDS, REJECTED_IDS):
-            for p, r in zip(batch[PROMPT_IDS], batch[side], strict=True):
-                ids = torch.from_numpy(np.concatenate([p, r]))[None].to(next(model.parameters()).device)
-                logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
-                pos = torch.arange(len(p), ids.shape[1], device=ids.device)
-                want.append(logp[pos - 1, ids[0, pos]].sum())
+        want = []  # the order of the batch's sequences: the chosen ones, then the rejected ones by prompt
+        seqs = [(r[PROMPT_IDS], r[CHOSEN_IDS]) for r in rows] + [
+            (r[PROMPT_IDS], x) for r in rows for x in r[REJECTED_IDS]
+        ]
+        for p, resp in seqs:
+            full = torch.from_numpy(np.concatenate([p, resp]))[None].to(next(model.parameters()).device)
+            logp = torch.log_softmax(model(input_ids=full, use_cache=False).logits[0].float(), -1)
+            pos = torch.arange(len(p), full.shape[1], device=full.device)
+            want.append(logp[pos - 1, full[0, pos]].sum())
     model.train(was_training)
     err = float((got.cpu() - torch.stack(want).cpu()).abs().max())
-    if not err <= atol * sum(sum(x) for x in lens):
+    if not err <= atol * max(len(p) + len(r) for p, r in seqs):
         raise ValueError(
             f"{type(hf).__name__} ({hf.config.model_type}): cpo-ray's packed log-probs differ from the model's own "
             f"forward by {err:.3g} nats on a probe batch; its head or attention does something cpo-ray does not "

@@ -44,7 +44,8 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def plot_curves(rows: list[dict], out: Path) -> Path | None:
+def plot_curves(rows: list[dict], out: Path, switch: int = 0) -> Path | None:
+    """The training curves; a dashed line at `switch` (train.sft_steps) marks where SFT hands over to CPO."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,6 +66,8 @@ def plot_curves(rows: list[dict], out: Path) -> Path | None:
                 k = max(5, len(pts) // 25)
                 sm = [sum(ys[max(0, i - k) : i + 1]) / len(ys[max(0, i - k) : i + 1]) for i in range(len(ys))]
                 ax.plot(xs, sm, lw=2)
+        if switch:
+            ax.axvline(switch, color="grey", ls="--", lw=1, label="SFT -> CPO")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
@@ -113,6 +116,8 @@ def _eval_section(paths: RunPaths) -> list[str]:
         ("pairs scored", "n", lambda x: f"{x:,}"),
         ("pairs/s", "pairs_per_s", lambda x: _num(x, "{:,.1f}")),
     ]
+    if any((res["models"][m].get("rejected_per_prompt") or 1) > 1 for m in models):
+        metrics.insert(1, ("accuracy per (chosen, rejected) pair", "pair_accuracy", _pct))
     rows = [[label, *(fn(res["models"][m].get(key)) for m in models)] for label, key, fn in metrics]
     rows[0] = [
         rows[0][0],
@@ -144,7 +149,7 @@ def _samples(res: dict, models: list[str]) -> list[str]:
     return ["<h2>Sample generations (greedy)</h2>", _table(["prompt (end)", "reference (chosen)", *models], rows)]
 
 
-def _train_section(paths: RunPaths) -> list[str]:
+def _train_section(paths: RunPaths, sft_steps: int = 0) -> list[str]:
     rows = read_jsonl(paths.metrics)
     steps = [r for r in rows if "loss" in r and not r.get("final")]
     evals = [r for r in rows if "eval/accuracy" in r]
@@ -158,7 +163,7 @@ def _train_section(paths: RunPaths) -> list[str]:
         secs = steps[-1]["elapsed_s"]
         line += f"; {secs:,.0f} s of training, {sum(r.get('tokens', 0) for r in steps) / max(secs, 1e-9):,.0f} tokens/s"
     out.append(f"<p>{line}.</p>")
-    out.append(_img(plot_curves(rows, paths.report_assets / "training_curves.png"), "training curves"))
+    out.append(_img(plot_curves(rows, paths.report_assets / "training_curves.png", sft_steps), "training curves"))
     resumes = [e for e in read_jsonl(paths.events) if e.get("event") == "resume"]
     if resumes:
 
@@ -227,7 +232,7 @@ def write_report(cfg) -> Path:
         f"<title>cpo-ray report: {html.escape(cfg.name)}</title><style>{STYLE}</style>",
         f"<h1>cpo-ray run: {html.escape(cfg.name)}</h1><p class=sub>{sub}</p>",
         *_eval_section(paths),
-        *_train_section(paths),
+        *_train_section(paths, cfg.train.sft_steps),
         *_data_section(paths),
     ]
     if timings:

@@ -40,6 +40,8 @@ def markdown_table(result: dict) -> str:
         ("pairs/s", "pairs_per_s", False),
     ]
     lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    if any((result["models"][m].get("rejected_per_prompt") or 1) > 1 for m in models):
+        metrics.insert(1, ("accuracy per (chosen, rejected) pair", "pair_accuracy", True))
     for label, key, pct in metrics:
         lines.append(f"| {label} | " + " | ".join(_fmt(result["models"][m].get(key), pct) for m in models) + " |")
     lines.append("| n | " + " | ".join(str(result["models"][m]["n"]) for m in models) + " |")

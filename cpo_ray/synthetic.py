@@ -108,7 +108,10 @@ def near_miss(n: int, rng: random.Random) -> str:
     return number_to_words(n + 1)
 
 
-def make_pairs(count: int, *, held_out: bool, max_number: int, eval_fraction: float, seed: int) -> list[dict]:
+def make_pairs(
+    count: int, *, held_out: bool, max_number: int, eval_fraction: float, seed: int, negatives: int = 1
+) -> list[dict]:
+    """Explicit rows; with negatives K > 1, "rejected" lists K distinct near misses."""
     rng = random.Random(f"{seed}:{'eval' if held_out else 'train'}")
     rows = []
     while len(rows) < count:
@@ -117,19 +120,40 @@ def make_pairs(count: int, *, held_out: bool, max_number: int, eval_fraction: fl
         n = rng.randint(0 if digits == 1 else 10 ** (digits - 1), min(10**digits - 1, max_number))
         if is_held_out(n, eval_fraction, seed) != held_out:
             continue
-        rows.append({"prompt": f"{n} in words:", "chosen": number_to_words(n), "rejected": near_miss(n, rng)})
+        misses: list[str] = []
+        for _ in range(20 * negatives):  # small numbers have few distinct near misses: skip those
+            miss = near_miss(n, rng)
+            if miss not in misses:
+                misses.append(miss)
+            if len(misses) == negatives:
+                break
+        if len(misses) < negatives:
+            continue
+        rejected = misses[0] if negatives == 1 else misses
+        rows.append({"prompt": f"{n} in words:", "chosen": number_to_words(n), "rejected": rejected})
     return rows
 
 
 def write_task(
-    out_dir: str | Path, *, train_pairs: int, eval_pairs: int, max_number: int, eval_fraction: float, seed: int
+    out_dir: str | Path,
+    *,
+    train_pairs: int,
+    eval_pairs: int,
+    max_number: int,
+    eval_fraction: float,
+    seed: int,
+    negatives: int = 1,
+    eval_negatives: int | None = None,
 ) -> tuple[str, str]:
     """Write train.jsonl and eval.jsonl (explicit prompt/chosen/rejected); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, count, held in ((TRAIN, train_pairs, False), (EVAL, eval_pairs, True)):
-        rows = make_pairs(count, held_out=held, max_number=max_number, eval_fraction=eval_fraction, seed=seed)
+        k = (eval_negatives or negatives) if held else negatives
+        rows = make_pairs(
+            count, held_out=held, max_number=max_number, eval_fraction=eval_fraction, seed=seed, negatives=k
+        )
         path = out / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths.append(str(path))

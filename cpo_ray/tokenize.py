@@ -4,7 +4,7 @@ A row stores the prompt once and each response once (token ids as int32 lists):
 
     prompt_ids    BOS + prompt (whatever the tokenizer adds for a single text)
     chosen_ids    chosen response + EOS   (the tokens that are scored)
-    rejected_ids  rejected response + EOS
+    rejected_ids  [rejected response + EOS, ...]: K >= 1 of them (a list of lists)
 
 A training sequence is prompt_ids + chosen_ids; only the response tokens are scored, on their REAL ids
 (cpo_ray.batch never builds a labels tensor: it gathers the response positions).
@@ -88,31 +88,44 @@ def _terminated(tokenizer, texts: list[str]) -> list[str]:
     return [t.rstrip() if eos and t.rstrip().endswith(eos) else t for t in texts]
 
 
-def encode_pairs(tokenizer, special: Special, prompts: list[str], chosens: list[str], rejecteds: list[str]):
-    """(prompt_ids, chosen_ids, rejected_ids, merged) per row: responses encoded jointly with their prompt and
-    split at the longest prefix the three encodings share (see the module docstring); EOS ends each response,
-    BOS starts the prompt when the tokenizer adds one (never doubled when a chat template put it in the text)."""
-    chosens, rejecteds = _terminated(tokenizer, chosens), _terminated(tokenizer, rejecteds)
+def _distinct(chosen: list[int], rejected: list[list[int]]) -> str | None:
+    """Why the responses cannot be told apart (None if they can)."""
+    if any(r == chosen for r in rejected):
+        return "chosen and a rejected response"
+    if len({tuple(r) for r in rejected}) < len(rejected):
+        return "two rejected responses"
+    return None
+
+
+def encode_pairs(tokenizer, special: Special, prompts: list[str], chosens: list[str], rejecteds: list[list[str]]):
+    """(prompt_ids, chosen_ids, [rejected_ids, ...], merged) per row: every response encoded jointly with its
+    prompt and split at the longest prefix all these encodings share (see the module docstring); EOS ends
+    each response, BOS starts the prompt when the tokenizer adds one (never doubled by a chat template)."""
+    chosens = _terminated(tokenizer, chosens)
+    rejecteds = [_terminated(tokenizer, list(rs)) for rs in rejecteds]
     n = len(prompts)
-    enc = tokenizer([*prompts, *(p + c for p, c in zip(prompts, chosens, strict=True)), *(p + r for p, r in zip(prompts, rejecteds, strict=True))], add_special_tokens=False)["input_ids"]  # fmt: skip
-    out = []
-    for p, pc, pr in zip(enc[:n], enc[n : 2 * n], enc[2 * n :], strict=True):
-        k = min(_common_prefix(p, pc), _common_prefix(p, pr))
-        prompt, chosen, rejected = p[:k], pc[k:], pr[k:]
-        chosen = chosen if chosen[-1:] == [special.eos_id] else [*chosen, special.eos_id]
-        rejected = rejected if rejected[-1:] == [special.eos_id] else [*rejected, special.eos_id]
+    joint = [p + r for p, rs in zip(prompts, rejecteds, strict=True) for r in rs]
+    enc = tokenizer([*prompts, *(p + c for p, c in zip(prompts, chosens, strict=True)), *joint], add_special_tokens=False)["input_ids"]  # fmt: skip
+    out, at = [], 2 * n
+    for i in range(n):
+        p, pc = enc[i], enc[n + i]
+        prs = enc[at : at + len(rejecteds[i])]
+        at += len(rejecteds[i])
+        k = min(_common_prefix(p, x) for x in (pc, *prs))
+        prompt = p[:k]
+        chosen, *rejected = (x[k:] if x[-1:] == [special.eos_id] else [*x[k:], special.eos_id] for x in (pc, *prs))
         if special.adds_bos and prompt[:1] != [special.bos_id]:
             prompt = [special.bos_id, *prompt]
         out.append((prompt, chosen, rejected, k < len(p)))
     return out
 
 
-def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, keep_head: int = 0):
-    """Fit prompt+chosen and prompt+rejected into max_length; returns the three lists (maybe shorter).
+def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[list[int]], max_length: int, keep_head: int = 0):
+    """Fit prompt + each response into max_length; returns (prompt, chosen, rejected) (maybe shorter).
 
     The first `keep_head` prompt tokens (BOS, the chat template's opening) survive a cut prompt when the
     budget leaves room for them and at least one token of the prompt's end."""
-    longest = max(len(chosen), len(rejected))
+    longest = max(len(r) for r in (chosen, *rejected))
     if len(prompt) + longest <= max_length:
         return prompt, chosen, rejected
     # Cut the prompt from the left first, but not below half the budget: an answer scored with no
@@ -122,16 +135,18 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
         head = keep_head if keep_head < keep_prompt else 0
         prompt = prompt[:head] + prompt[len(prompt) - (keep_prompt - head) :]
     room = max_length - len(prompt)
-    chosen, rejected = chosen[:room], rejected[:room]
-    if chosen == rejected:
+    chosen, rejected = chosen[:room], [r[:room] for r in rejected]
+    same = _distinct(chosen, rejected)
+    if same:
         raise RowError(
-            Reject.IDENTICAL_AFTER_TRUNCATION, f"responses differ only past max_length={max_length}", "rejected"
+            Reject.IDENTICAL_AFTER_TRUNCATION, f"{same} differ only past max_length={max_length}", "rejected"
         )
     return prompt, chosen, rejected
 
 
 def tokenize_batch(tokenizer, special: Special, prompts, chosens, rejecteds, max_length: int):
-    """Tokenize parallel lists; returns (rows, errors) where errors[i] is None or a RowError."""
+    """Tokenize parallel lists (rejecteds[i]: the row's K >= 1 rejected texts); returns (rows, errors) where
+    errors[i] is None or a RowError."""
     rows, errors = [], []
     for p, c, r, merged in encode_pairs(tokenizer, special, list(prompts), list(chosens), list(rejecteds)):
         try:
@@ -139,9 +154,10 @@ def tokenize_batch(tokenizer, special: Special, prompts, chosens, rejecteds, max
                 raise RowError(
                     Reject.EMPTY_PROMPT, "prompt has no tokens: the first response token would be unscored", "prompt"
                 )
-            if c == r:
-                raise RowError(Reject.IDENTICAL_RESPONSES, "chosen and rejected tokenize identically", "rejected")
-            full = len(p) + max(len(c), len(r))
+            same = _distinct(c, r)
+            if same:
+                raise RowError(Reject.IDENTICAL_RESPONSES, f"{same} tokenize identically", "rejected")
+            full = len(p) + max(len(x) for x in (c, *r))
             keep_head = _common_prefix(p, list(special.head_ids))
             p, c, r = truncate_pair(p, c, r, max_length, keep_head)
             rows.append(

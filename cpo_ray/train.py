@@ -11,6 +11,7 @@ and copies the exported model to `<output_dir>/final` (and `adapter/` with LoRA)
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from cpo_ray.batch import chosen_only
 from cpo_ray.config import Config
 from cpo_ray.contract import (
     ADAPTER,
@@ -32,7 +34,7 @@ from cpo_ray.contract import (
     TRAIN,
     RunPaths,
 )
-from cpo_ray.loss import cpo_objective
+from cpo_ray.loss import cpo_objective, sft_objective
 
 
 def train_loop(config: dict) -> None:
@@ -131,9 +133,10 @@ class WorkerRun:
         """Collate, forward + loss, backward, optimizer step (DeepSpeed steps on boundaries only); returns
         whether this micro-batch ended an optimizer step."""
         engine, t = self.engine, self.t
-        batch = self.collate(raw)
+        sft = self.state["step"] < self.t.sft_steps  # warm-up: chosen responses only, NLL alone
+        batch = self.collate(chosen_only(raw) if sft else raw)
         self._lap("time/data_s")
-        loss, m = _cpo_forward(engine, batch, t)
+        loss, m = _cpo_forward(engine, batch, t, sft)
         self._lap("time/forward_s")
         # Asked before step(): DeepSpeed's answer afterwards is about the NEXT micro-batch.
         boundary = engine.is_gradient_accumulation_boundary()
@@ -168,6 +171,8 @@ class WorkerRun:
         self._lap("time/metrics_sync_s")
         now = time.time()
         metrics = {k: sums[j].item() / (self.t.grad_accum * self.world) for j, k in enumerate(METRIC_KEYS)}
+        metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}  # the SFT warm-up has no preferences
+        metrics["phase"] = "sft" if step <= self.t.sft_steps else "cpo"
         metrics.update(step=step, epoch=self.state["epoch"], batch_in_epoch=self.state["batch_in_epoch"])
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["elapsed_s"] = round(now - self.start, 2)  # since this worker group started training
@@ -221,21 +226,26 @@ class WorkerRun:
         self.t_mark = now
 
 
-def _cpo_forward(engine, batch: dict, t):
-    """One packed forward of the micro-batch's 2B sequences (through DeepSpeed's root) -> (loss, metrics)."""
+def _cpo_forward(engine, batch: dict, t, sft: bool):
+    """One packed forward of the micro-batch's B + R sequences (through DeepSpeed's root) -> (loss, metrics):
+    the CPO objective, or in the SFT warm-up the chosen NLL alone."""
     logp, count = engine(batch)
-    b = batch["num_seqs"] // 2
+    b = batch["num_chosen"]
+    if sft:
+        return sft_objective(logp[:b], count[:b])
     return cpo_objective(
         logp[:b],
         logp[b:],
         count[:b],
         count[b:],
+        rejected_group=batch["rejected_group"].to(logp.device),
         loss_type=t.loss_type,
         beta=t.beta,
         cpo_alpha=t.cpo_alpha,
         label_smoothing=t.label_smoothing,
         simpo_gamma=t.simpo_gamma,
         alpha=t.alpha,
+        length_normalize=t.length_normalize,
     )
 
 
@@ -333,7 +343,8 @@ def follow(paths: RunPaths, total: int, every: int, stop) -> None:
                     rate = (time.time() - first[1]) / (step - first[0]) if step > first[0] else None
                     eta = f"{rate * (total - step):,.0f}s" if rate is not None else "-"
                     ev = f" | held-out {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
-                    line = (f"step {step:>5}/{total} | loss {row['loss']:.4f} | acc {row['rewards/accuracies']:.2f} "
+                    acc = f"acc {row['rewards/accuracies']:.2f}" if "rewards/accuracies" in row else "sft (chosen NLL)"
+                    line = (f"step {step:>5}/{total} | loss {row['loss']:.4f} | {acc} "
                             f"| {row['tokens_per_s']:,.0f} tok/s | eta {eta}{ev}")  # fmt: skip
                     if ev:
                         console.say(line)

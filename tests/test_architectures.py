@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cpo_ray.config import load_config
-from cpo_ray.contract import CHOSEN_IDS, PAIR_COLUMNS, PROMPT_IDS, REJECTED_IDS
+from cpo_ray.contract import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
 
 BASE = dict(
     vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -54,21 +54,29 @@ ARCHS = {
 
 
 def _batch(seed: int) -> dict:
+    """Three prompts with 1, 2 and 1 rejected responses; prompt + response up to 16 > the window of 6."""
+    from cpo_ray.heldout import as_batch
+
     rng = np.random.default_rng(seed)
-    lens = [(9, 5, 3), (4, 7, 2), (2, 3, 11)]  # prompt + response up to 16 > the window of 6
-    obj = lambda xs: np.array([*xs, None], dtype=object)[:-1]  # noqa: E731
-    return {k: obj(rng.integers(3, 256, n[i]) for n in lens) for i, k in enumerate(PAIR_COLUMNS)}
+    ids = lambda n: rng.integers(3, 256, n)  # noqa: E731
+    lens = [(9, 5, [3]), (4, 7, [2, 6]), (2, 3, [11])]
+    return as_batch([{PROMPT_IDS: ids(p), CHOSEN_IDS: ids(c), REJECTED_IDS: [ids(r) for r in rs]} for p, c, rs in lens])
+
+
+def _sequences(batch) -> list:
+    """(prompt, response) per sequence in the trainer's order: the chosen ones, then the rejected by prompt."""
+    out = list(zip(batch[PROMPT_IDS], batch[CHOSEN_IDS], strict=True))
+    return out + [(p, r) for p, rs in zip(batch[PROMPT_IDS], batch[REJECTED_IDS], strict=True) for r in rs]
 
 
 def _reference(model, batch) -> torch.Tensor:
     out = []
     with torch.no_grad():
-        for side in (CHOSEN_IDS, REJECTED_IDS):
-            for p, r in zip(batch[PROMPT_IDS], batch[side], strict=True):
-                ids = torch.from_numpy(np.concatenate([p, r]))[None]
-                logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-                pos = torch.arange(len(p), ids.shape[1])
-                out.append(logp[pos - 1, ids[0, pos]].sum())
+        for p, r in _sequences(batch):
+            ids = torch.from_numpy(np.concatenate([p, r]))[None]
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            pos = torch.arange(len(p), ids.shape[1])
+            out.append(logp[pos - 1, ids[0, pos]].sum())
     return torch.stack(out).float()
 
 
@@ -125,7 +133,7 @@ def test_logps_equal_the_models_own_forward(arch, layout, arch_dirs, deepspeed_w
             got, count = engine(collate(batch))
         want = _reference(reference, batch)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)  # fp32 sums of up to 11 tokens
-        assert count.tolist() == [len(r) for r in [*batch[CHOSEN_IDS], *batch[REJECTED_IDS]]]
+        assert count.tolist() == [len(r) for _, r in _sequences(batch)]
 
 
 def test_unsupported_heads_are_refused_before_training():

@@ -20,14 +20,28 @@ def random_batch(seed, pairs=4):
     def col(lo, hi):
         return np.array([rng.integers(3, 259, rng.integers(lo, hi)) for _ in range(pairs)] + [None], dtype=object)[:-1]
 
-    return {"prompt_ids": col(1, 20), "chosen_ids": col(1, 15), "rejected_ids": col(1, 15)}
+    return {"prompt_ids": col(1, 20), "chosen_ids": col(1, 15), "rejected_ids": one_each(col(1, 15))}
+
+
+def one_each(column: np.ndarray) -> np.ndarray:
+    """A rejected_ids column with one rejected response per prompt (a list of one)."""
+    out = np.empty(len(column), dtype=object)
+    out[:] = [[r] for r in column]
+    return out
+
+
+def flat(batch: dict, side: str) -> list:
+    """(prompt, response) of every sequence on one side, in the batch's sequence order."""
+    if side == "chosen_ids":
+        return list(zip(batch["prompt_ids"], batch["chosen_ids"], strict=True))
+    return [(p, r) for p, rs in zip(batch["prompt_ids"], batch["rejected_ids"], strict=True) for r in rs]
 
 
 def reference_logps(model, batch):
     """One unpadded sequence at a time, full log_softmax, labels = the real next tokens."""
     out = []
     for side in ("chosen_ids", "rejected_ids"):
-        for p, r in zip(batch["prompt_ids"], batch[side], strict=True):
+        for p, r in flat(batch, side):
             ids = torch.tensor(np.concatenate([p, r]), dtype=torch.long)[None]
             logp = torch.log_softmax(model(ids).logits[0].double(), -1)
             pos = torch.arange(len(p), ids.shape[1])
@@ -44,7 +58,7 @@ def test_padded_and_packed_equal_plain_forward(model, seed):
         packed, n_pack = sequence_logps(model, collate_packed(batch, pad_id=0, row_tokens=48))
     torch.testing.assert_close(padded, ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
-    lens = [len(r) for r in [*batch["chosen_ids"], *batch["rejected_ids"]]]
+    lens = [len(r) for side in ("chosen_ids", "rejected_ids") for _, r in flat(batch, side)]
     assert n_pad.tolist() == lens == n_pack.tolist()
 
 
@@ -64,7 +78,7 @@ def _buffer(lengths, seed=0):
     return {
         "prompt_ids": obj(np.full(n, i) for i, n in enumerate(lengths)),
         "chosen_ids": obj(np.full(rng.integers(1, 4), i) for i in range(len(lengths))),
-        "rejected_ids": obj(np.full(rng.integers(1, 4), i) for i in range(len(lengths))),
+        "rejected_ids": one_each(obj(np.full(rng.integers(1, 4), i) for i in range(len(lengths)))),
     }
 
 
@@ -76,7 +90,7 @@ def test_length_grouped_keeps_every_pair_once_and_whole():
     assert sorted(tags) == list(range(64))  # each pair exactly once
     for mb in mbs:  # the three columns of a pair stay together
         for p, c, r in zip(mb["prompt_ids"], mb["chosen_ids"], mb["rejected_ids"], strict=True):
-            assert p[0] == c[0] == r[0]
+            assert p[0] == c[0] == r[0][0]
 
 
 def test_length_grouped_cuts_padding():
@@ -228,7 +242,7 @@ def test_shared_prompt_row_equals_padded_and_computes_each_prompt_once(tiny_mode
     batch = random_batch(seed, pairs=4)
     sb = collate_shared(batch, 0)
     assert sb["tokens_computed"] == sum(len(p) for p in batch["prompt_ids"]) + sum(
-        len(r) for side in ("chosen_ids", "rejected_ids") for r in batch[side]
+        len(r) for side in ("chosen_ids", "rejected_ids") for _, r in flat(batch, side)
     )
     assert sb["tokens"] == collate_padded(batch, 0)["tokens"]  # counted per sequence, like the others
     out = []

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from cpo_ray.config import ConfigError, load_config
-from cpo_ray.contract import PAIR_COLUMNS
+from cpo_ray.contract import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
+from cpo_ray.heldout import as_batch
 
 
 def _batch(seed: int, pairs: int = 2) -> dict:
     rng = np.random.default_rng(seed)
-    obj = lambda xs: np.array([*xs, None], dtype=object)[:-1]  # noqa: E731
-    return {k: obj(rng.integers(3, 259, rng.integers(2, 9)) for _ in range(pairs)) for k in PAIR_COLUMNS}
+    ids = lambda: rng.integers(3, 259, rng.integers(2, 9))  # noqa: E731
+    return as_batch([{PROMPT_IDS: ids(), CHOSEN_IDS: ids(), REJECTED_IDS: [ids()]} for _ in range(pairs)])
 
 
 def _engine(tiny_model_dir, over: list[str], total_steps: int = 10):

@@ -75,15 +75,27 @@ def test_pair_row_and_summary():
     assert summarize([])["accuracy"] is None
 
 
+def test_pair_row_with_several_rejected_responses():
+    """K = 2: margin and correctness against the hardest (most likely) rejected response; pairs won counted."""
+    pair = {"prompt_ids": [1], "chosen_ids": [3, 2], "rejected_ids": [[4, 2], [5, 6, 7, 2]]}
+    row = pair_row(0, pair, -3.0, [-4.0, -2.0])
+    assert row["logp_rejected"] == -2.0 and row["len_rejected"] == 4 and row["margin"] == -1.0
+    assert row["correct"] is False and row["pairs_won"] == 1 and row["logp_rejected_all"] == [-4.0, -2.0]
+    assert row["correct_norm"] is False  # -1.5 per token vs the better -0.5 of the 4-token one
+    s = summarize([row, pair_row(1, pair, -1.0, [-4.0, -2.0])])
+    assert s["accuracy"] == 0.5 and s["pair_accuracy"] == 0.75 and s["rejected_per_prompt"] == 2.0
+
+
 def _write(path, rows, extra=False):
-    cols = {c: pa.array([r[c] for r in rows], type=pa.list_(pa.int32())) for c in rows[0]}
+    kind = {"rejected_ids": pa.list_(pa.list_(pa.int32()))}  # K rejected responses per prompt
+    cols = {c: pa.array([r[c] for r in rows], type=kind.get(c, pa.list_(pa.int32()))) for c in rows[0]}
     if extra:
         cols["truncated"] = pa.array([False] * len(rows))
     pq.write_table(pa.table(cols), path)
 
 
 def test_load_tokenized_pairs_dir_file_and_errors(tmp_path):
-    rows = [{"prompt_ids": [1, i], "chosen_ids": [i, 2], "rejected_ids": [i + 1, 2]} for i in range(5)]
+    rows = [{"prompt_ids": [1, i], "chosen_ids": [i, 2], "rejected_ids": [[i + 1, 2]]} for i in range(5)]
     (tmp_path / "d").mkdir()
     _write(tmp_path / "d" / "part-000.parquet", rows[:3], extra=True)
     _write(tmp_path / "d" / "part-001.parquet", rows[3:])
@@ -175,27 +187,32 @@ class _FakeClient:
 def test_scorer_falls_back_to_echo_then_keeps_that_mode():
     client = _FakeClient(echo_supported=True)
     scorer = EndpointScorer(client, "m", EvalConfig(concurrency=2))
-    pair = {"prompt_ids": [1, 5], "chosen_ids": [6, 7, 2], "rejected_ids": [8, 2]}
-    pair2 = {"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [2]}
-    assert asyncio.run(scorer.score([pair])) == [(-1.5, -1.0)]
+    pair = {"prompt_ids": [1, 5], "chosen_ids": [6, 7, 2], "rejected_ids": [[8, 2]]}
+    pair2 = {"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [[2]]}
+    assert asyncio.run(scorer.score([pair])) == [(-1.5, [-1.0])]
     assert scorer.mode == "echo"
     assert client.completions.calls[0]["extra_body"] == {"prompt_logprobs": 0}
     assert client.completions.calls[1]["echo"] is True and client.completions.calls[1]["max_tokens"] == 0
     # several pairs in one request, each with its own prompt length; choices come back reordered
-    assert asyncio.run(scorer.score([pair, pair2])) == [(-1.5, -1.0), (-1.0, -0.5)]
+    assert asyncio.run(scorer.score([pair, pair2])) == [(-1.5, [-1.0]), (-1.0, [-0.5])]
     assert len(client.completions.calls) == 3  # no second probe
+    # K = 2 rejected responses: 3 sequences for that prompt, both rejected scores back in order
+    three = {"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [[2], [9, 9, 2]]}
+    assert asyncio.run(scorer.score([three, pair2])) == [(-1.0, [-0.5, -1.5]), (-1.0, [-0.5])]
 
 
 @pytest.mark.parametrize("reject_unknown", [False, True])
 def test_scorer_falls_back_when_prompt_logprobs_is_ignored_or_rejected(reject_unknown):
     scorer = EndpointScorer(_FakeClient(True, reject_unknown), "m", EvalConfig())
-    assert asyncio.run(scorer.score([{"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [2]}])) == [(-1.0, -0.5)]
+    assert asyncio.run(scorer.score([{"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [[2]]}])) == [
+        (-1.0, [-0.5])
+    ]
     assert scorer.mode == "echo"
 
 
 def test_scorer_without_logprobs_says_so():
     scorer = EndpointScorer(_FakeClient(echo_supported=False, reject_unknown=True), "m", EvalConfig())
-    pair = {"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [8, 2]}
+    pair = {"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [[8, 2]]}
     with pytest.raises(LogprobsUnavailable, match="cannot return prompt log-probs.*unknown field"):
         asyncio.run(scorer.score([pair]))
 

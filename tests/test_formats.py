@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 
 from cpo_ray.embedded import build_tokenizer
-from cpo_ray.formats import FORMATS, detect_format, normalize
+from cpo_ray.formats import FORMATS, detect_format
+from cpo_ray.formats import normalize as normalize_k
 from cpo_ray.tokenize import RowError
+
+
+def normalize(*args, **kw):
+    """The one-rejected-response view the tests below were written in: (prompt, chosen, rejected)."""
+    prompt, chosen, rejected = normalize_k(*args, **kw)
+    assert len(rejected) == 1, rejected
+    return prompt, chosen, rejected[0]
+
 
 ASSETS = Path(__file__).parent / "assets" / "formats"
 HH_TEST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
@@ -226,7 +235,7 @@ def test_wrong_typed_explicit_field_is_named(tok):
 def test_unknown_format_name_is_a_config_error(tok):
     with pytest.raises(ValueError, match="unknown data format"):
         normalize({"chosen": "a", "rejected": "b"}, "alpaca", tok)
-    assert FORMATS == ("explicit", "conversational", "implicit", "sharegpt")
+    assert FORMATS == ("explicit", "conversational", "implicit", "sharegpt", "ranked")
 
 
 class MisTemplate:
@@ -392,3 +401,54 @@ def test_chat_template_option_for_explicit_and_hh_text(bpe_tokenizer):
     with pytest.raises(RowError) as e:
         normalize({"chosen": "no turns here", "rejected": "nor here"}, "implicit", tok, chat=True)
     assert e.value.reason == "unparseable_dialogue"
+
+
+# ---------------------------------------------------------------------------------------------- K rejected
+
+
+def test_several_rejected_responses_in_every_format(tok):
+    """A list where one response is expected holds K rejected ones, in every format; they keep their order."""
+    p, c, rs = normalize_k({"prompt": "Q?", "chosen": " yes", "rejected": [" no", " maybe"]}, "auto", tok)
+    assert (p, c, rs) == ("Q?", " yes", [" no", " maybe"])
+    msgs = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rec = {"prompt": [{"role": "user", "content": "hi"}], "chosen": msgs("yo"), "rejected": [msgs("no"), msgs("go")]}
+    assert normalize_k(rec, "auto", tok)[2] == ["no</s>\n", "go</s>\n"]
+    share = {"conversations": [{"from": "human", "value": "hi"}], "chosen": {"from": "gpt", "value": "yo"}}
+    share["rejected"] = [[{"from": "gpt", "value": "no"}], [{"from": "gpt", "value": "go"}]]
+    assert normalize_k(share, "auto", tok)[2] == ["no</s>\n", "go</s>\n"]
+    hh = "\n\nHuman: q\n\nAssistant:"
+    p, c, rs = normalize_k({"chosen": hh + " yes", "rejected": [hh + " no", hh + " nope"]}, "auto", tok)
+    assert (p, c, rs) == (hh, " yes", [" no", " nope"])
+
+
+def test_several_rejected_responses_must_differ(tok):
+    for rejected in ([" no", " yes"], [" no", " no"]):
+        with pytest.raises(RowError) as e:
+            normalize_k({"prompt": "Q?", "chosen": " yes", "rejected": rejected}, "explicit", tok)
+        assert e.value.reason == "identical_responses"
+
+
+def test_ranked_rows(tok):
+    """The best score is chosen; those at least min_score_gap below it are rejected, hardest first."""
+    rec = {"prompt": "Q?", "responses": [" ok", " best", " bad", " worse"], "scores": [7, 9.5, 3, 1]}
+    assert detect_format(rec) == "ranked"
+    assert normalize_k(rec, "auto", tok) == ("Q?", " best", [" ok", " bad", " worse"])
+    assert normalize_k(rec, "auto", tok, min_score_gap=3)[2] == [" bad", " worse"]  # 7 is only 2.5 below
+    conv = {"prompt": [{"role": "user", "content": "hi"}], "responses": [[{"role": "assistant", "content": t}] for t in ("a", "b")], "scores": [1, 2]}  # fmt: skip
+    assert normalize_k(conv, "auto", tok)[1:] == ("b</s>\n", ["a</s>\n"])
+    cols = {"responses": "outputs", "scores": "ratings", "prompt": "instruction"}
+    mapped = {"instruction": "Q?", "outputs": [" a", " b"], "ratings": [0.5, 0.1]}
+    assert normalize_k(mapped, "auto", tok, cols) == ("Q?", " a", [" b"])
+    for bad, reason in (
+        ({**rec, "scores": [1, 2, 3]}, "bad_scores"),
+        ({**rec, "scores": [1, "2", 3, 4]}, "bad_scores"),
+        ({**rec, "scores": [1, float("nan"), 3, 4]}, "bad_scores"),
+        ({**rec, "scores": [1, True, 3, 4]}, "bad_scores"),
+        ({**rec, "scores": [9.5, 9.5, 3, 1]}, "tied_scores"),
+    ):
+        with pytest.raises(RowError) as e:
+            normalize_k(bad, "auto", tok)
+        assert e.value.reason == reason, bad
+    with pytest.raises(RowError) as e:
+        normalize_k({**rec, "scores": [9, 9.5, 9.2, 9.1]}, "auto", tok, min_score_gap=1)
+    assert e.value.reason == "no_negative" and "1" in str(e.value)

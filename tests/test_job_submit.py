@@ -121,10 +121,11 @@ def test_pipeline_job_succeeds(private_cluster, tmp_path):
     assert proc.returncode == 0, log
     assert "succeeded" in proc.stdout.lower(), log
     # What the job's user reads: the driver's console, between Ray's "Tailing logs" banner and its verdict.
-    console = proc.stdout.split("Tailing logs until the job exits", 1)[1].split("\n", 1)[1]
-    console = console.rsplit("------------------------------------------", 1)[0].strip().splitlines()
+    lines = proc.stdout.split("Tailing logs until the job exits", 1)[1].splitlines()[1:]
+    console = lines[: next(i for i, ln in enumerate(lines) if "SUCC cli.py" in ln)]  # up to Ray's verdict
     print("\n".join(["", "job console:", *console]))
     assert len(console) < 60, "\n".join(console)
+    console = console[next(i for i, ln in enumerate(console) if ln.startswith("── ")) :]  # after Ray's 2 set-up lines
     assert [ln for ln in console if ln.startswith("── ")][:3] == [
         ln for ln in console if ln.startswith(("── prepare", "── train", "── eval"))
     ]  # stage headers, in order

@@ -206,3 +206,54 @@ def test_matches_trl(trl_cpo_loss, loss_type, alpha, label_smoothing):
     got = cpo_loss(chosen, rejected, loss_type=loss_type, **kw)
     for e, o in zip(expected, got, strict=True):
         assert_close(o, e)
+
+
+def test_infonce_with_one_negative_is_sigmoid_cpo():
+    """K = 1: -log(e^{b s_w} / (e^{b s_w} + e^{b s_l})) = -log sigmoid(b (s_w - s_l)): the same loss, NLL and
+    metrics as loss_type=sigmoid."""
+    chosen, rejected, c_len, r_len = t(-2.0, -6.0, -1.5), t(-4.0, -5.0, -9.0), t(2, 3, 1), t(4, 4, 5)
+    want = objective(chosen, rejected, c_len, r_len, loss_type="sigmoid", beta=0.3)
+    got = objective(chosen, rejected, c_len, r_len, loss_type="infonce", beta=0.3)
+    assert_close(got[0], want[0])
+    for k in METRIC_KEYS:
+        assert_close(got[1][k], want[1][k], msg=k)
+
+
+def test_infonce_by_hand_with_two_negatives():
+    """One prompt, s_w = -2, s_l = (-4, -3), beta = 1, cpo_alpha = 0:
+    L = log(e^-2 + e^-4 + e^-3) - (-2) = log(1 + e^-2 + e^-1) = log(1.5032147244) = 0.4076059644."""
+    from cpo_ray.loss import infonce_loss
+
+    assert_close(infonce_loss(t(-2.0), t(-4.0, -3.0), torch.tensor([0, 0]), beta=1.0), t(0.40760596444438))
+    # two prompts with 2 and 1 negatives: each prompt's own term (the second is -log sigmoid(1 * (-1 - -2)))
+    out = infonce_loss(t(-2.0, -1.0), t(-4.0, -3.0, -2.0), torch.tensor([0, 0, 1]), beta=1.0)
+    assert_close(out, t(0.40760596444438, math.log(1 + math.exp(-1.0))))
+
+
+def test_pairwise_losses_average_a_prompts_negatives_and_metrics_split_hardest_and_pairs():
+    """sigmoid, beta = 1, cpo_alpha = 0. Prompt 0: s_w = -2 vs (-4, -1); prompt 1: s_w = -3 vs (-5).
+    Pair losses: log(1+e^-2) = 0.1269280110, log(1+e^1) = 1.3132616875, log(1+e^-2) = 0.1269280110.
+    Per prompt: (0.1269280110 + 1.3132616875) / 2 = 0.7200948493 and 0.1269280110; loss = 0.4235114301.
+    accuracies (beats the hardest): prompt 0 loses to -1 -> 0.5; pair_accuracies: 2 of 3 pairs won.
+    margins: mean of (2, -1, 2) = 1; rewards/rejected: mean of (-4, -1, -5) = -10/3."""
+    chosen, rejected, group = t(-2.0, -3.0), t(-4.0, -1.0, -5.0), torch.tensor([0, 0, 1])
+    loss, m = objective(chosen, rejected, t(1, 1), t(1, 1, 1), rejected_group=group, beta=1.0, cpo_alpha=0.0)
+    assert_close(loss, t(0.4235114301)[0], atol=1e-9, rtol=0)
+    assert_close(m["rewards/accuracies"], t(0.5)[0].float())
+    assert_close(m["rewards/pair_accuracies"], t(2 / 3)[0].float())
+    assert_close(m["rewards/margins"], t(1.0)[0])
+    assert_close(m["rewards/rejected"], t(-10 / 3)[0])
+    assert_close(m["rewards/chosen"], t(-2.5)[0])
+    # the same rows split into one-negative pairs: the pairs' mean, not the prompts' (prompt 0 weighs double)
+    split, _ = objective(t(-2.0, -2.0, -3.0), rejected, t(1, 1, 1), t(1, 1, 1), beta=1.0, cpo_alpha=0.0)
+    assert_close(split, t((0.1269280110 + 1.3132616875 + 0.1269280110) / 3)[0], atol=1e-9, rtol=0)
+
+
+def test_sft_objective_is_the_chosen_nll_alone():
+    """Chosen sums -4, -6 over 2 + 3 tokens: token-mean NLL = 10 / 5 = 2; no preference metrics (NaN)."""
+    from cpo_ray.loss import sft_objective
+
+    loss, m = sft_objective(t(-4.0, -6.0), t(2, 3))
+    assert_close(loss, t(2.0)[0]) and assert_close(m["nll_loss"], t(2.0)[0])
+    assert_close(m["logps/chosen"], t(-5.0)[0])
+    assert math.isnan(m["rewards/accuracies"]) and set(m) == set(METRIC_KEYS)

@@ -159,7 +159,7 @@ def _pairs(tokenizer, n):
     raw = make_pairs(n, held_out=True, max_number=999_999, eval_fraction=0.1, seed=0)
     rows, errors = tokenize_batch(
         tokenizer, Special.of(tokenizer), [r["prompt"] for r in raw], [r["chosen"] for r in raw],
-        [r["rejected"] for r in raw], max_length=MAX_LEN,
+        [[r["rejected"]] for r in raw], max_length=MAX_LEN,
     )  # fmt: skip
     assert not any(errors)
     return [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows]
@@ -175,7 +175,7 @@ def _reference_logps(model_dir, pairs):
     with torch.no_grad():
         for p in pairs:
             sums = []
-            for resp in (p["chosen_ids"], p["rejected_ids"]):
+            for resp in (p["chosen_ids"], *p["rejected_ids"]):
                 ids = torch.tensor([p["prompt_ids"] + resp])
                 logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
                 sums.append(logp[len(p["prompt_ids"]) - 1 :].sum().item())

@@ -31,3 +31,11 @@ def test_pairs_are_near_misses_with_disjoint_held_out_numbers():
     for r in train + held:
         assert r["chosen"] == number_to_words(num(r)) and r["rejected"] != r["chosen"]
     assert make_pairs(50, held_out=False, **kw) == train[:50]  # deterministic from the seed
+
+
+def test_several_distinct_near_misses_per_number():
+    rows = make_pairs(200, held_out=False, max_number=999_999, eval_fraction=0.1, seed=0, negatives=3)
+    assert len(rows) == 200
+    for r in rows:
+        assert isinstance(r["rejected"], list) and len(r["rejected"]) == 3
+        assert len(set(r["rejected"])) == 3 and r["chosen"] not in r["rejected"]

@@ -8,6 +8,7 @@ import pytest
 from conftest import ASSETS
 from cpo_ray.batch import collate_padded
 from cpo_ray.formats import normalize
+from cpo_ray.heldout import as_batch
 from cpo_ray.tokenize import RowError, Special, tokenize_batch, truncate_pair
 
 IGNORE = -100  # the label a causal LM ignores
@@ -18,10 +19,12 @@ def ids(tokenizer, text):
 
 
 def row(tokenizer, p, c, r, max_length=64):
-    rows, errs = tokenize_batch(tokenizer, Special.of(tokenizer), [p], [c], [r], max_length)
+    """One row with one rejected response, which comes back as rejected_ids (not a list of one)."""
+    rows, errs = tokenize_batch(tokenizer, Special.of(tokenizer), [p], [c], [[r]], max_length)
     if errs[0]:
         raise errs[0]
-    return rows[0]
+    (rejected,) = rows[0]["rejected_ids"]
+    return {**rows[0], "rejected_ids": rejected}
 
 
 def test_explicit_ids_and_labels_exact(tokenizer):
@@ -30,9 +33,7 @@ def test_explicit_ids_and_labels_exact(tokenizer):
     assert r["prompt_ids"] == [1, q, colon]  # BOS + prompt
     assert r["chosen_ids"] == [a, b, 2]  # response + EOS
     assert r["rejected_ids"] == [b, 2]
-    batch = {
-        k: np.array([np.asarray(r[k])] + [None], dtype=object)[:1] for k in ("prompt_ids", "chosen_ids", "rejected_ids")
-    }
+    batch = as_batch([{**r, "rejected_ids": [r["rejected_ids"]]}])
     out = collate_padded(batch, pad_id=0)
     assert out["input_ids"].tolist() == [[1, q, colon, a, b, 2], [1, q, colon, b, 2, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]
@@ -46,7 +47,7 @@ def test_explicit_ids_and_labels_exact(tokenizer):
 
 def test_chat_template_bos_not_doubled_and_eos_not_doubled(tokenizer):
     rec = json.loads((ASSETS / "formats" / "conversational.jsonl").read_text().splitlines()[0])
-    p, c, r = normalize(rec, "conversational", tokenizer)
+    p, c, (r,) = normalize(rec, "conversational", tokenizer)
     out = row(tokenizer, p, c, r, max_length=4096)
     assert out["prompt_ids"][0] == 1 and out["prompt_ids"][1] != 1
     assert out["chosen_ids"][-1] == 2 and out["chosen_ids"][-2] != 2  # the template's own </s>, once
@@ -55,10 +56,10 @@ def test_chat_template_bos_not_doubled_and_eos_not_doubled(tokenizer):
 
 def test_truncation_prompt_left_first_then_responses():
     p, c, r = list(range(10)), [100, 101, 102], [200, 201]
-    assert truncate_pair(p, c, r, 13) == (p, c, r)
-    assert truncate_pair(p, c, r, 12) == (p[1:], c, r)  # prompt loses its START
+    assert truncate_pair(p, c, [r], 13) == (p, c, [r])
+    assert truncate_pair(p, c, [r], 12) == (p[1:], c, [r])  # prompt loses its START
     # prompt floor is half the budget (4 of 8), then responses lose their ends
-    assert truncate_pair(p, [*range(100, 110)], r, 8) == (p[6:], [100, 101, 102, 103], r)
+    assert truncate_pair(p, [*range(100, 110)], [r], 8) == (p[6:], [100, 101, 102, 103], [r])
 
 
 def test_pairs_that_cannot_be_kept_are_rejected_with_reason(tokenizer):
@@ -95,8 +96,8 @@ def test_boundary_merge_goes_to_the_response(bpe_tokenizer):
     exactly the joint encodings, and the row says it merged."""
     tok = bpe_tokenizer
     p, c, r = "Q: Is the sky blue? A: ", "yes it is.", "no it is not."
-    rows, errs = tokenize_batch(tok, Special.of(tok), [p], [c], [r], 64)
-    out = rows[0]
+    rows, errs = tokenize_batch(tok, Special.of(tok), [p], [c], [[r]], 64)
+    out = {**rows[0], "rejected_ids": rows[0]["rejected_ids"][0]}
     eos = tok.eos_token_id
     assert out["merged"] and out["prompt_ids"] == _joint(tok, p)[:-1]  # the trailing " " moved
     assert tok.convert_ids_to_tokens(out["chosen_ids"])[0] == "Ġyes"
@@ -127,3 +128,16 @@ def test_truncation_keeps_bos_and_the_chat_templates_head(bpe_tokenizer, tokeniz
     cut = row(tokenizer, "\n\nHuman: " + "tell me more " * 10 + "\n\nAssistant:", " Sure.", " No.", max_length=24)
     assert cut["truncated"] and cut["prompt_ids"][0] == tokenizer.bos_token_id
     assert tokenizer.decode(cut["prompt_ids"][1:]).endswith("Assistant:")
+
+
+def test_several_rejected_responses_tokenize_and_truncate_together(tokenizer):
+    """K rejected responses: each tokenized with the prompt; the prompt cut once for the longest response."""
+    rows, errs = tokenize_batch(tokenizer, Special.of(tokenizer), ["Q:"], ["ab"], [["b", "abc"]], 64)
+    a, b, c = (ids(tokenizer, ch)[0] for ch in "abc")
+    assert errs == [None] and rows[0]["rejected_ids"] == [[b, 2], [a, b, c, 2]]
+    rows, errs = tokenize_batch(tokenizer, Special.of(tokenizer), ["x" * 20], ["ab"], [["b", "abcdef"]], 12)
+    r = rows[0]
+    assert r["truncated"] and len(r["prompt_ids"]) + len(r["rejected_ids"][1]) <= 12
+    assert r["prompt_ids"][0] == 1 and r["rejected_ids"][0] == [b, 2]
+    rows, errs = tokenize_batch(tokenizer, Special.of(tokenizer), ["Q:"], ["ab"], [["b", "b"]], 64)
+    assert errs[0].reason == "identical_responses" and "two rejected" in str(errs[0])

@@ -60,13 +60,11 @@ def reloaded_logps(final_dir, data_dir):
     from transformers import AutoModelForCausalLM
 
     from cpo_ray.batch import collate_padded, sequence_logps
+    from cpo_ray.heldout import as_batch
 
     model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
     rows = pq.read_table(Path(data_dir) / "eval").to_pylist()
-    batch = {
-        k: np.array([np.asarray(r[k]) for r in rows] + [None], dtype=object)[:-1]
-        for k in ("prompt_ids", "chosen_ids", "rejected_ids")
-    }
+    batch = as_batch(rows)
     with torch.no_grad():
         logp, _ = sequence_logps(model, collate_padded(batch, 0))
     return logp[: len(rows)], logp[len(rows) :]
@@ -89,7 +87,8 @@ def check_run(cfg, model_dir):
     assert ev["step"] == cfg.train.max_steps and len(ev["pairs"]) == cfg.data.synthetic.eval_pairs
     c, r = reloaded_logps(out / "final", RunPaths.of(cfg).data_dir)
     torch.testing.assert_close(c, torch.tensor([p["logp_chosen"] for p in ev["pairs"]]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(r, torch.tensor([p["logp_rejected"] for p in ev["pairs"]]), atol=1e-4, rtol=0)
+    rejected = [x for p in ev["pairs"] for x in p["logp_rejected_all"]]  # every rejected response, by prompt
+    torch.testing.assert_close(r, torch.tensor(rejected), atol=1e-4, rtol=0)
     for key in (*METRIC_KEYS, "lr", "grad_norm", "tokens_per_s"):
         assert all(math.isfinite(r[key]) for r in rows), key
 
@@ -184,3 +183,36 @@ def test_zero3_heldout_with_fewer_pairs_than_workers(ray_local, tmp_path):
     assert "cfg" in done, "training did not finish in 10 minutes (held-out scoring deadlock?)"
     evals = [r for r in metrics(done["cfg"]) if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2, 4] and all(r["eval/n"] == 1 for r in evals)
+
+
+def test_multi_negative_infonce_two_workers(ray_local, tmp_path):
+    """Three near misses per number, one softmax over the chosen and its three rejected responses per prompt,
+    each prompt computed once (shared-prompt packing): the loss falls and the held-out scores cover all K."""
+    cfg, model_dir = run(
+        tmp_path,
+        "infonce",
+        ["data.synthetic.negatives=3", "train.loss_type=infonce", "train.zero_stage=0", "model.lora.enabled=true",
+         "train.max_steps=16", "train.lr=3e-3", "train.eval_every=8"],
+    )  # fmt: skip
+    check_run(cfg, model_dir)
+    ev = json.loads((Path(cfg.output_dir) / "train_eval.json").read_text())
+    assert all(len(p["logp_rejected_all"]) == 3 for p in ev["pairs"])
+    rows = [r for r in metrics(cfg) if "eval/pair_accuracy" in r]
+    assert rows and all(r["eval/pair_accuracy"] >= r["eval/accuracy"] for r in rows)
+
+
+def test_sft_warm_start_then_cpo_resumes_on_both_sides_of_the_switch(ray_local, tmp_path):
+    """sft_steps=6: steps 1-6 train the chosen NLL alone (no preference metrics), 7+ the CPO loss. A run
+    stopped at step 4 (inside SFT) resumes into CPO; stopped again at 10 (inside CPO) it resumes there."""
+    common = ["train.sft_steps=6", "train.checkpoint_every=4", "train.lr=1e-3", "train.zero_stage=2"]
+    common += ["model.lora.enabled=false", "model.lora.modules_to_save=[]"]
+    cfg, _ = run(tmp_path, "sft", [*common, "train.max_steps=4"])
+    run(tmp_path, "sft", [*common, "train.max_steps=10"], prepared=cfg.output_dir)
+    cfg3, _ = run(tmp_path, "sft", [*common, "train.max_steps=14"], prepared=cfg.output_dir)
+    rows = [r for r in metrics(cfg3) if "loss" in r and not r.get("final")]
+    assert [r["step"] for r in rows] == list(range(1, 15))
+    assert [r["phase"] for r in rows] == ["sft"] * 6 + ["cpo"] * 8
+    assert all("rewards/accuracies" not in r and r["loss"] == r["nll_loss"] for r in rows[:6])
+    assert all("rewards/accuracies" in r and r["loss"] != r["nll_loss"] for r in rows[6:])
+    events = [json.loads(x) for x in (Path(cfg3.output_dir) / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [4, 10]
