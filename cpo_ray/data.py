@@ -358,12 +358,11 @@ def split_negatives(table: pa.Table) -> pa.Table:
     """Each row with K rejected responses as K rows of one (prompt and chosen repeated), in order."""
     import pyarrow.compute as pc
 
-    k = pc.list_value_length(table.column(REJECTED_IDS))
-    parent = np.repeat(np.arange(table.num_rows), k.to_numpy(zero_copy_only=False))
+    rejected = table.column(REJECTED_IDS).combine_chunks()  # list<list<int32>>
+    parent = np.repeat(np.arange(table.num_rows), pc.list_value_length(rejected).to_numpy(zero_copy_only=False))
     out = table.take(pa.array(parent, pa.int64()))
-    one = pa.ListArray.from_arrays(
-        pa.array(np.arange(len(parent) + 1, dtype=np.int32)), pc.list_flatten(table.column(REJECTED_IDS))
-    )
+    flat = rejected.flatten()  # one list<int32> per rejected response
+    one = pa.ListArray.from_arrays(pa.array(np.arange(len(flat) + 1, dtype=np.int32)), flat)
     return out.set_column(out.schema.get_field_index(REJECTED_IDS), REJECTED_IDS, one)
 
 

@@ -697,3 +697,28 @@ def test_broken_json_array_is_a_clear_error_naming_the_record(udf, workdir):
     path.write_text('[{"prompt": "q", "chosen": "a", "rejected": "b"},\n {"prompt": "q", "chosen": ')
     with pytest.raises(DataError, match=r"\.json: not a valid JSON array after record 1"):
         run_file(udf, path)
+
+
+def test_split_negatives_writes_one_row_per_rejected_response():
+    import pyarrow as pa
+
+    from cpo_ray.data import OUT_SCHEMA, split_negatives
+
+    rows = [
+        {
+            "prompt_ids": [1, 5],
+            "chosen_ids": [6, 2],
+            "rejected_ids": [[7, 2], [8, 2], [9, 2]],
+            "truncated": False,
+            "source": "f:1",
+        },
+        {"prompt_ids": [1, 4], "chosen_ids": [3, 2], "rejected_ids": [[5, 2]], "truncated": True, "source": "f:2"},
+    ]
+    schema = pa.schema([OUT_SCHEMA.field(c) for c in rows[0]])
+    table = pa.concat_tables(
+        [pa.Table.from_pylist(rows[:1], schema), pa.Table.from_pylist(rows[1:], schema)]
+    )  # 2 chunks
+    out = split_negatives(table).to_pylist()
+    assert [r["rejected_ids"] for r in out] == [[[7, 2]], [[8, 2]], [[9, 2]], [[5, 2]]]
+    assert [r["source"] for r in out] == ["f:1", "f:1", "f:1", "f:2"] and out[3]["truncated"]
+    assert all(r["chosen_ids"] == [6, 2] for r in out[:3])
