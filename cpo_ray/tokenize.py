@@ -76,6 +76,15 @@ def _template_head(tokenizer) -> list[int]:
     return tokenizer(text[: text.index(mark)], add_special_tokens=False)["input_ids"]
 
 
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text without special tokens added. Fast tokenizers are called directly (Rust
+    encode_batch): transformers' wrapper builds a BatchEncoding per text, ~15% of a prepare's time."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
@@ -105,7 +114,7 @@ def encode_pairs(tokenizer, special: Special, prompts: list[str], chosens: list[
     rejecteds = [_terminated(tokenizer, list(rs)) for rs in rejecteds]
     n = len(prompts)
     joint = [p + r for p, rs in zip(prompts, rejecteds, strict=True) for r in rs]
-    enc = tokenizer([*prompts, *(p + c for p, c in zip(prompts, chosens, strict=True)), *joint], add_special_tokens=False)["input_ids"]  # fmt: skip
+    enc = _encode(tokenizer, [*prompts, *(p + c for p, c in zip(prompts, chosens, strict=True)), *joint])
     out, at = [], 2 * n
     for i in range(n):
         p, pc = enc[i], enc[n + i]

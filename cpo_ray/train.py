@@ -30,6 +30,7 @@ from cpo_ray.contract import (
     EVAL,
     FINAL,
     METRIC_KEYS,
+    PAIR_COLUMNS,
     PHASE_KEYS,
     TRAIN,
     RunPaths,
@@ -134,7 +135,10 @@ class WorkerRun:
         whether this micro-batch ended an optimizer step."""
         engine, t = self.engine, self.t
         sft = self.state["step"] < self.t.sft_steps  # warm-up: chosen responses only, NLL alone
-        batch = self.collate(chosen_only(raw) if sft else raw)
+        raw = chosen_only(raw) if sft else raw
+        if t.balance_ranks and self.world > 1:
+            raw = self._balanced(raw)
+        batch = self.collate(raw)
         self._lap("time/data_s")
         loss, m = _cpo_forward(engine, batch, t, sft)
         self._lap("time/forward_s")
@@ -157,6 +161,16 @@ class WorkerRun:
         # Which pairs this rank trained: a CRC of the micro-batch's token ids (exact in float64 when summed).
         self.sums[n_m + 1 + self.world + self.rank] += zlib.crc32(batch["input_ids"].numpy().tobytes())
         return boundary
+
+    def _balanced(self, raw: dict) -> dict:
+        """This rank's share of all ranks' micro-batches, token-balanced (cpo_ray.batch.balance_ranks)."""
+        import torch.distributed as dist
+
+        from cpo_ray.batch import balance_ranks
+
+        parts = [None] * self.world
+        dist.all_gather_object(parts, {k: raw[k] for k in PAIR_COLUMNS})
+        return balance_ranks(parts, self.rank, self.t.packing and self.t.shared_prompt)
 
     def step_metrics(self, step: int) -> dict:
         """All ranks' metric sums for the step that just ended (one all_reduce), as metrics.jsonl's row."""
