@@ -338,7 +338,12 @@ def token_logps(head, h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     def chunk(hc, tc):
         return _TargetLogSoftmax.apply(head(hc), tc)
 
-    rows = max(1, HEAD_CHUNK_BYTES // (4 * head.vocab_size))
+    budget, w = HEAD_CHUNK_BYTES, getattr(head, "weight", None)
+    if w is not None and w.requires_grad:
+        # A trained head gets one [V, H] weight gradient per chunk, added into the accumulated one: chunks
+        # whose logits are smaller than the weight save nothing but cost that add (and a weight-sized temporary).
+        budget = max(budget, 4 * getattr(w, "ds_numel", w.numel()))
+    rows = max(1, budget // (4 * head.vocab_size))
     if h.shape[0] <= rows:
         return chunk(h, tgt)
     from torch.utils.checkpoint import checkpoint
