@@ -308,7 +308,8 @@ def _loss_path_child(kind: str, lens: list, vocab: int, hidden: int, threads: in
     baseline), then the loss path runs forward + backward; reports the peak RSS above the baseline.
     trl: TRL 1.16's path: logits over every position of the padded [2B, L] batch, log_softmax + gather
     (CPOTrainer.get_batch_logps), cross-entropy of the chosen half, sigmoid CPO. cpo_ray: the response
-    positions only (gathered), cpo_ray.batch.token_logps (chunked, checkpointed head), cpo_objective."""
+    positions only (gathered), cpo_ray.batch.token_logps (chunked, checkpointed head), cpo_objective. liger:
+    Liger-Kernel's LigerFusedLinearCPOLoss on TRL's batch."""
     import torch
     import torch.nn.functional as F
 
@@ -320,7 +321,7 @@ def _loss_path_child(kind: str, lens: list, vocab: int, hidden: int, threads: in
     width = max(p + max(c, r) for p, c, r in lens)
     b = len(lens)
     w = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
-    if kind == "trl":
+    if kind in ("trl", "liger"):
         h = torch.randn(2 * b, width, hidden).requires_grad_()
         labels = torch.full((2 * b, width), -100)
         for i, (p, c, r) in enumerate(lens):
@@ -345,6 +346,13 @@ def _loss_path_child(kind: str, lens: list, vocab: int, hidden: int, threads: in
         nll = F.cross_entropy(shifted[:b].reshape(-1, vocab), labels[:b, 1:].reshape(-1), ignore_index=-100)
         losses, _, _ = cpo_loss(logps[:b], logps[b:], loss_type="sigmoid", beta=BETA)
         loss = losses.mean() + CPO_ALPHA * nll
+    elif kind == "liger":
+        # Liger-Kernel's chunked CPO loss (pure torch, one pair per chunk, gradients computed in its forward)
+        # on TRL's padded, shifted batch; compiled=False: no torch.compile on this CPU stack.
+        from liger_kernel.chunked_loss import LigerFusedLinearCPOLoss
+
+        out = LigerFusedLinearCPOLoss(beta=BETA, alpha=CPO_ALPHA, compiled=False)(w, h[:, :-1], labels[:, 1:])
+        loss = out[0] if isinstance(out, tuple) else out
     else:
         from cpo_ray.batch import token_logps
 
@@ -371,6 +379,13 @@ def loss_path_memory(s: TrainingSetup, args) -> dict:
     c = AutoConfig.from_pretrained(s.model_dir)
     ctx = mp.get_context("spawn")
     out = {}
+    try:
+        import liger_kernel.chunked_loss  # noqa: F401
+
+        liger = True
+    except ImportError:
+        liger = False
+        out["liger"] = "not installed: `pip install --no-deps liger-kernel` (its chunked_loss needs only torch)"
     # The bench's step, then 4x its pairs: large enough that cpo-ray's head runs in several chunks.
     for mult in (1, 4):
         n = mult * args.pairs
@@ -378,14 +393,15 @@ def loss_path_memory(s: TrainingSetup, args) -> dict:
         step = [pool[i % len(pool)] for i in range(n)]  # repeats pairs when the run has fewer: memory only
         lens = [(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"][0])) for p in step]
         row = {}
-        for kind in ("trl", "cpo_ray"):
+        for kind in ("trl", "cpo_ray") + (("liger",) if liger else ()):
             q = ctx.Queue()
             args_ = (kind, lens, c.vocab_size, c.hidden_size, args.threads, q)
             proc = ctx.Process(target=_loss_path_child, args=args_)
             proc.start()
             row[f"{kind}_gib"] = round(q.get(timeout=1200), 3)
             proc.join()
-        row["cpo_ray_over_trl"] = round(row["cpo_ray_gib"] / max(row["trl_gib"], 1e-9), 3)
+        for kind in ("cpo_ray", "liger")[: 1 + bool(liger)]:
+            row[f"{kind}_over_trl"] = round(row[f"{kind}_gib"] / max(row["trl_gib"], 1e-9), 3)
         row["what"] = (
             f"{len(lens)} pairs, padded width {max(p + max(a, b) for p, a, b in lens)}, "
             f"{sum(a + b for _, a, b in lens)} response tokens, vocab {c.vocab_size}; LM head weight trained"
