@@ -162,7 +162,9 @@ def bench(args, work: Path) -> dict:
     own, own_pps = ours[0][0], max(len(pairs) / s for _, s in ours)
 
     def diff(scores):
-        return max(max(abs(r["logp_chosen"] - c), abs(r["logp_rejected"] - j)) for r, (c, j) in zip(rows, scores, strict=True))
+        return max(
+            max(abs(r["logp_chosen"] - c), abs(r["logp_rejected"] - j)) for r, (c, j) in zip(rows, scores, strict=True)
+        )
 
     tokens = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"][0])) for p in pairs]
     return {
