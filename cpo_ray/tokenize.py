@@ -59,10 +59,12 @@ class Special:
         bos = tokenizer.bos_token_id
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         adds_bos = bos is not None and probe[:1] == [bos]
-        head = _template_head(tokenizer)
+        # The head: what every prompt starts with. The turn end: what follows every message, when it opens
+        # with a special token (ChatML "<|im_end|>\n", Llama 3 "<|eot_id|>", Gemma "<end_of_turn>\n").
+        head, end = _around_user_message(tokenizer)
+        end = end if end and _is_special(tokenizer, end[0]) else []
         if adds_bos and head[:1] != [bos]:
             head = [bos, *head]
-        end = _turn_end(tokenizer)
         system_len = _last_end(head, end) if end else None
         if system_len is None:
             system_len = 1 if head[:1] == [bos] and bos is not None else 0
@@ -76,36 +78,24 @@ class Special:
         )
 
 
-def _template_head(tokenizer) -> list[int]:
-    """Ids of what the chat template renders before the first user message's text ([] without a template)."""
+def _around_user_message(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids the chat template renders before and after a lone user message's text (([], []) without one)."""
     if not getattr(tokenizer, "chat_template", None):
-        return []
-    mark = "cpo-ray-head-marker"
+        return [], []
+    mark = "cpo-ray-message-marker"
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
     except Exception:
-        return []
+        return [], []
     if mark not in text:
-        return []
-    return tokenizer(text[: text.index(mark)], add_special_tokens=False)["input_ids"]
+        return [], []
+    before, after = text.split(mark, 1)
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (before, after)]
 
 
-def _turn_end(tokenizer) -> list[int]:
-    """Ids the chat template renders right after a message's text when they open with a special token
-    (ChatML "<|im_end|>\n", Llama 3 "<|eot_id|>", Gemma "<end_of_turn>\n"): where a turn ends. [] otherwise."""
-    if not getattr(tokenizer, "chat_template", None):
-        return []
-    mark = "cpo-ray-turn-marker"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
-    except Exception:
-        return []
-    if mark not in text:
-        return []
-    ids = tokenizer(text[text.index(mark) + len(mark) :], add_special_tokens=False)["input_ids"]
+def _is_special(tokenizer, token_id: int) -> bool:
     added = getattr(tokenizer, "added_tokens_decoder", {})
-    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
-    return ids if ids and ids[0] in special else []
+    return token_id in tokenizer.all_special_ids or getattr(added.get(token_id), "special", False)
 
 
 def _last_end(ids: list[int], end: list[int]) -> int | None:
