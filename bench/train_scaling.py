@@ -15,7 +15,8 @@ clip 1.0, constant lr, sigmoid CPO + NLL (beta 0.1, cpo_alpha 1.0), full fine-tu
 Contenders (--contenders, comma-separated):
   ray_1x2   cpo_ray.train.run_training (TorchTrainer + DeepSpeed) on a Parquet of the same pairs,
             1 worker x 2 torch threads; ray_1x1: 1 worker x 1 thread; ray_2x1: 2 workers x 1 thread
-            (global batch stays --pairs: micro_batch_size = pairs / workers). Ray Data streams the Parquet
+            (global batch stays --pairs: micro_batch_size = pairs / workers); ray_2x1_unbalanced: the same
+            with train.balance_ranks off (each rank trains the pairs it read, not a token-balanced share). Ray Data streams the Parquet
             with the trainer's local shuffle, so its batches are the same pairs in another order.
             ray.init(num_cpus=2) of this process (own temp folder), resources_per_worker CPU 0.5,
             torch_threads explicit, --ray-collate batches, --zero-stage, --ray-group length grouping.
@@ -58,9 +59,15 @@ from bench.common import (
 )
 from bench.train_vs_trl import CONTENDERS, best_one_process, run_one_process
 
-RAY_SHAPES = {"ray_1x2": (1, 2), "ray_1x1": (1, 1), "ray_2x1": (2, 1)}  # workers, torch threads per worker
+# workers, torch threads per worker, train.balance_ranks
+RAY_SHAPES = {
+    "ray_1x2": (1, 2, True),
+    "ray_1x1": (1, 1, True),
+    "ray_2x1": (2, 1, True),
+    "ray_2x1_unbalanced": (2, 1, False),
+}
 ALL = [*CONTENDERS, *RAY_SHAPES]
-DEFAULT = ["varlen", "varlen_grouped", *RAY_SHAPES]
+DEFAULT = ["shared", "shared_grouped", *RAY_SHAPES]
 
 
 def write_parquet(pairs: list[dict], data_dir: Path) -> None:
@@ -89,7 +96,7 @@ def run_ray(name: str, model_dir: Path, data_dir: Path, args, work: Path) -> dic
     from cpo_ray.contract import RunPaths
     from cpo_ray.train import run_training
 
-    workers, threads = RAY_SHAPES[name]
+    workers, threads, balance = RAY_SHAPES[name]
     # Every training setting the bench relies on is set here: the library defaults are for LoRA runs.
     cfg = Config.model_validate(
         {
@@ -111,6 +118,7 @@ def run_ray(name: str, model_dir: Path, data_dir: Path, args, work: Path) -> dic
                 "torch_threads": threads,
                 "zero_stage": args.zero_stage,
                 "overlap_grad_sync": True,
+                "balance_ranks": balance,
                 "micro_batch_size": args.pairs // workers,
                 "grad_accum": 1,
                 "lr": LR,
@@ -126,6 +134,7 @@ def run_ray(name: str, model_dir: Path, data_dir: Path, args, work: Path) -> dic
                 "max_steps": args.warmup + args.steps,
                 "epochs": 2,  # the Parquet holds exactly max_steps steps; max_steps ends the run
                 "packing": args.ray_collate != "padded",
+                "shared_prompt": args.ray_collate == "shared",  # the trainer's default layout
                 "group_by_length": args.ray_group,
                 "eval_every": 0,
                 "checkpoint_every": 0,
@@ -169,7 +178,7 @@ def run_ray(name: str, model_dir: Path, data_dir: Path, args, work: Path) -> dic
         "batching": (
             f"Ray Data stream of the same pairs with the trainer's local shuffle; {workers} worker(s) x "
             f"{args.pairs // workers} pairs, {args.ray_collate} collate, group_by_length {args.ray_group}, "
-            f"DeepSpeed ZeRO-{args.zero_stage}, "
+            f"DeepSpeed ZeRO-{args.zero_stage}, balance_ranks {balance}, "
             f"{threads} torch thread(s) per worker"
         ),
     }
@@ -204,6 +213,7 @@ def bench(args, names: list[str], work: Path) -> dict:
         "ray_2x1_over_ray_1x1": ratio(res, "ray_2x1", "ray_1x1"),
         "ray_2x1_over_ray_1x1_target": 1.6,
         "ray_2x1_over_ray_1x2": ratio(res, "ray_2x1", "ray_1x2"),
+        "ray_2x1_over_ray_2x1_unbalanced": ratio(res, "ray_2x1", "ray_2x1_unbalanced"),
         f"ray_2x1_over_one_process_{args.ray_collate}": ratio(res, "ray_2x1", args.ray_collate),
         f"ray_2x1_over_one_process_{args.ray_collate}_grouped": ratio(res, "ray_2x1", f"{args.ray_collate}_grouped"),
         "ray_2x1_over_best_one_process": ratio(res, "ray_2x1", best),
@@ -216,7 +226,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(ap)
     ap.add_argument("--contenders", default=",".join(DEFAULT), help=f"comma-separated subset of {','.join(ALL)}")
-    ap.add_argument("--ray-collate", choices=["varlen", "packed", "padded"], default="varlen", help="batches of ray_*")
+    ap.add_argument(
+        "--ray-collate", choices=["shared", "varlen", "packed", "padded"], default="shared", help="batches of ray_*"
+    )
     ap.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=0, help="train.zero_stage of ray_*")
     ap.add_argument("--ray-group", type=int, default=16, help="train.group_by_length of ray_* (0 = stream order)")
     args = ap.parse_args()

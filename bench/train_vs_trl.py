@@ -27,8 +27,10 @@ Contenders (--contenders, comma-separated):
             AdamW, the SAME batches as trl (one sequence per row, right padding to the longest)
   packed    the same with collate_packed (sequences of the batch packed into rows as wide as the longest,
             block-diagonal mask; padding only in row tails)
-  varlen    the same with collate_varlen (all sequences in ONE row, no padding) + per-sequence causal SDPA:
-            what the trainer runs when train.packing is on (default attention)
+  varlen    the same with collate_varlen (all sequences in ONE row, no padding) + per-sequence causal SDPA
+  shared    the same with collate_shared (ONE row, each prompt once, both responses attending to it): what the
+            trainer runs by default (train.packing + train.shared_prompt); tokens/s still counts prompt + response
+            of both sequences, as TRL does, so it is comparable
   *_grouped trl/padded/packed/varlen on the same pairs reordered by cpo-ray's length grouping (warm-up
             and timed pairs regrouped separately, so every timed window holds the same pairs)
 
@@ -70,7 +72,7 @@ from bench.common import (
     run_bench,
 )
 
-ONE_PROCESS = ["trl", "padded", "packed", "varlen"]
+ONE_PROCESS = ["trl", "padded", "packed", "varlen", "shared"]
 GROUPED = [f"{n}_grouped" for n in ONE_PROCESS]
 CONTENDERS = [*ONE_PROCESS, *GROUPED]
 CPO_RAY = [n for n in CONTENDERS if not n.startswith("trl")]  # cpo-ray's one-process contenders
@@ -137,7 +139,7 @@ def run_trl(model_dir: Path, pairs: list[dict], args, work: Path) -> dict:
     td = trainer.train_dataset
     same_ids = all(
         td[i]["chosen_input_ids"] == p["prompt_ids"] + p["chosen_ids"]
-        and td[i]["rejected_input_ids"] == p["prompt_ids"] + p["rejected_ids"]
+        and td[i]["rejected_input_ids"] == p["prompt_ids"] + p["rejected_ids"][0]
         for i, p in enumerate(pairs)
     )
     first = next(iter(trainer.get_train_dataloader()))
@@ -174,20 +176,9 @@ def timed(marks: list[float], step_tokens: list[int], args) -> dict:
 
 def batches(pairs: list[dict], args) -> list[dict]:
     """--pairs pairs per step in order, as the numpy columns the trainer's stream hands to collate."""
-    import numpy as np
+    from cpo_ray.heldout import as_batch
 
-    from cpo_ray.contract import PAIR_COLUMNS
-
-    out = []
-    for i in range(args.warmup + args.steps):
-        chunk = pairs[i * args.pairs : (i + 1) * args.pairs]
-        out.append(
-            {
-                k: np.array([np.asarray(r[k], dtype=np.int64) for r in chunk] + [None], dtype=object)[:-1]
-                for k in PAIR_COLUMNS
-            }
-        )
-    return out
+    return [as_batch(pairs[i * args.pairs : (i + 1) * args.pairs]) for i in range(args.warmup + args.steps)]
 
 
 def batch_loss(model, batch: dict):
@@ -196,9 +187,9 @@ def batch_loss(model, batch: dict):
     from cpo_ray.loss import cpo_objective
 
     logp, count = sequence_logps(model, batch)
-    b = batch["num_seqs"] // 2
+    b = batch["num_chosen"]
     loss, _ = cpo_objective(
-        logp[:b], logp[b:], count[:b], count[b:],
+        logp[:b], logp[b:], count[:b], count[b:], rejected_group=batch["rejected_group"],
         loss_type="sigmoid", beta=BETA, cpo_alpha=CPO_ALPHA, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0,
     )  # fmt: skip
     return loss
@@ -227,9 +218,11 @@ def cpo_ray_step(model, opt, raw: dict, collate, phases: dict | None = None) -> 
 
 
 def collate_fn(variant: str, pad_id: int):
-    from cpo_ray.batch import collate_packed, collate_padded, collate_varlen
+    from cpo_ray.batch import collate_packed, collate_padded, collate_shared, collate_varlen
 
-    fn = {"packed": collate_packed, "padded": collate_padded, "varlen": collate_varlen}[variant]
+    fn = {"packed": collate_packed, "padded": collate_padded, "varlen": collate_varlen, "shared": collate_shared}[
+        variant
+    ]
     return lambda b: fn(b, pad_id)
 
 
@@ -241,7 +234,7 @@ def run_cpo_ray(variant: str, model_dir: Path, pairs: list[dict], args, profile:
     pad_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id
     collate = collate_fn(variant, pad_id)
     model = load_model(model_dir)
-    if variant == "varlen":
+    if variant in ("varlen", "shared"):
         from cpo_ray.attention import use_varlen_attention
 
         use_varlen_attention(model)
@@ -265,6 +258,8 @@ def run_cpo_ray(variant: str, model_dir: Path, pairs: list[dict], args, profile:
             "block-diagonal mask), padding only in row tails",
             "varlen": "all sequences in one row, no padding; per-sequence causal SDPA (cpo_ray.batch.varlen_sdpa)",
             "padded": "one sequence per row, right-padded to the longest",
+            "shared": "one row, each prompt once with both responses attending to it (cpo_ray.batch.collate_shared): "
+            "what the trainer runs by default",
         }[variant]
     )
     if profile:
@@ -305,6 +300,117 @@ def best_one_process(res: dict[str, dict]) -> str | None:
     return max((n for n in CPO_RAY if n in res), key=lambda n: res[n]["tokens_per_s"], default=None)
 
 
+# ---------------------------------------------------------------------------------------------- loss-path memory
+
+
+def _loss_path_child(kind: str, lens: list, vocab: int, hidden: int, threads: int, q) -> None:
+    """In a fresh process: the hidden states of one step's batch and an LM-head weight exist first (the
+    baseline), then the loss path runs forward + backward; reports the peak RSS above the baseline.
+    trl: TRL 1.16's path: logits over every position of the padded [2B, L] batch, log_softmax + gather
+    (CPOTrainer.get_batch_logps), cross-entropy of the chosen half, sigmoid CPO. cpo_ray: the response
+    positions only (gathered), cpo_ray.batch.token_logps (chunked, checkpointed head), cpo_objective. liger:
+    Liger-Kernel's LigerFusedLinearCPOLoss on TRL's batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench.common import peak_rss_gib, reset_peak_rss
+    from cpo_ray.loss import cpo_loss, cpo_objective
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    width = max(p + max(c, r) for p, c, r in lens)
+    b = len(lens)
+    w = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
+    if kind in ("trl", "liger"):
+        h = torch.randn(2 * b, width, hidden).requires_grad_()
+        labels = torch.full((2 * b, width), -100)
+        for i, (p, c, r) in enumerate(lens):
+            labels[i, p : p + c] = torch.randint(0, vocab, (c,))
+            labels[b + i, p : p + r] = torch.randint(0, vocab, (r,))
+    else:
+        n_resp = sum(c + r for _, c, r in lens)
+        h = torch.randn(n_resp, hidden).requires_grad_()
+        tgt = torch.randint(0, vocab, (n_resp,))
+        seq = torch.cat(
+            [torch.full((c,), i) for i, (_, c, _) in enumerate(lens)]
+            + [torch.full((r,), b + i) for i, (_, _, r) in enumerate(lens)]
+        )
+    base = reset_peak_rss()
+    if kind == "trl":
+        logits = F.linear(h, w).float()
+        shifted, lab = logits[:, :-1, :], labels[:, 1:].clone()
+        mask = lab != -100
+        lab[~mask] = 0
+        per_tok = torch.gather(shifted.log_softmax(-1), dim=2, index=lab.unsqueeze(2)).squeeze(2)
+        logps = (per_tok * mask).sum(-1)
+        nll = F.cross_entropy(shifted[:b].reshape(-1, vocab), labels[:b, 1:].reshape(-1), ignore_index=-100)
+        losses, _, _ = cpo_loss(logps[:b], logps[b:], loss_type="sigmoid", beta=BETA)
+        loss = losses.mean() + CPO_ALPHA * nll
+    elif kind == "liger":
+        # Liger-Kernel's chunked CPO loss (pure torch, one pair per chunk, gradients computed in its forward)
+        # on TRL's padded, shifted batch; compiled=False: no torch.compile on this CPU stack.
+        from liger_kernel.chunked_loss import LigerFusedLinearCPOLoss
+
+        out = LigerFusedLinearCPOLoss(beta=BETA, alpha=CPO_ALPHA, compiled=False)(w, h[:, :-1], labels[:, 1:])
+        loss = out[0] if isinstance(out, tuple) else out
+    else:
+        from cpo_ray.batch import token_logps
+
+        def head(x):
+            return F.linear(x, w).float()
+
+        head.vocab_size, head.weight = vocab, w
+        tok = token_logps(head, h, tgt)
+        logp = torch.zeros(2 * b).index_add_(0, seq, tok)
+        count = torch.bincount(seq, minlength=2 * b).float()
+        loss, _ = cpo_objective(logp[:b], logp[b:], count[:b], count[b:], loss_type="sigmoid", beta=BETA,
+                                cpo_alpha=CPO_ALPHA, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0)  # fmt: skip
+    loss.backward()
+    q.put(peak_rss_gib() - base)
+
+
+def loss_path_memory(s: TrainingSetup, args) -> dict:
+    """Peak memory (GiB above the baseline) of TRL's and cpo-ray's loss path on the first timed step's pairs,
+    each in its own fresh process (the hidden states are random: memory does not depend on their values)."""
+    import multiprocessing as mp
+
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(s.model_dir)
+    ctx = mp.get_context("spawn")
+    out = {}
+    try:
+        import liger_kernel.chunked_loss  # noqa: F401
+
+        liger = True
+    except ImportError:
+        liger = False
+        out["liger"] = "not installed: `pip install --no-deps liger-kernel` (its chunked_loss needs only torch)"
+    # The bench's step, then 4x its pairs: large enough that cpo-ray's head runs in several chunks.
+    for mult in (1, 4):
+        n = mult * args.pairs
+        pool = s.pairs[args.warmup * args.pairs :]
+        step = [pool[i % len(pool)] for i in range(n)]  # repeats pairs when the run has fewer: memory only
+        lens = [(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"][0])) for p in step]
+        row = {}
+        for kind in ("trl", "cpo_ray") + (("liger",) if liger else ()):
+            q = ctx.Queue()
+            args_ = (kind, lens, c.vocab_size, c.hidden_size, args.threads, q)
+            proc = ctx.Process(target=_loss_path_child, args=args_)
+            proc.start()
+            row[f"{kind}_gib"] = round(q.get(timeout=1200), 3)
+            proc.join()
+        for kind in ("cpo_ray", "liger")[: 1 + bool(liger)]:
+            row[f"{kind}_over_trl"] = round(row[f"{kind}_gib"] / max(row["trl_gib"], 1e-9), 3)
+        row["what"] = (
+            f"{len(lens)} pairs, padded width {max(p + max(a, b) for p, a, b in lens)}, "
+            f"{sum(a + b for _, a, b in lens)} response tokens, vocab {c.vocab_size}; LM head weight trained"
+        )
+        out[f"{len(lens)}_pairs"] = row
+    out["target_max_ratio"] = 0.25
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -321,7 +427,7 @@ def loss_check(res: dict[str, dict]) -> dict:
     for r in res.values():
         r.pop("step_tokens", None)
     if "trl" in res:
-        for n in ("padded", "packed", "varlen"):
+        for n in ("padded", "packed", "varlen", "shared"):
             if n in res:
                 check[f"abs_diff_trl_vs_{n}"] = abs(res[n]["first_batch_loss"] - res["trl"]["first_batch_loss"])
         diffs = [v for k, v in check.items() if k.startswith("abs_diff")]
@@ -342,11 +448,13 @@ def bench(args, names: list[str], work: Path) -> dict:
     profile = next((r.pop("profile_top10") for r in res.values() if "profile_top10" in r), None)
     head = finish_training("train_vs_trl", args, s, res)
     best = best_one_process(res)
+    if args.loss_memory:
+        head["loss_path_peak_memory"] = loss_path_memory(s, args)
     targets = {
         "one_process_best_variant": best,
         "one_process_over_trl": ratio(res, best, "trl"),
         "one_process_over_trl_grouped": ratio(res, best, "trl_grouped"),
-        "one_process_over_trl_target": 2.2,
+        "one_process_over_trl_target": 3.0 if args.shape == "smollm2" else 2.2,
         "one_process_mfu": res[best]["mfu_vs_measured_peak"] if best else None,
         "one_process_mfu_target": 0.75,
     }
@@ -365,7 +473,10 @@ def main() -> None:
     ap.add_argument(
         "--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}"
     )
-    ap.add_argument("--profile-variant", choices=[*CPO_RAY, "none"], default="varlen")
+    ap.add_argument("--profile-variant", choices=[*CPO_RAY, "none"], default="shared")
+    ap.add_argument(
+        "--loss-memory", action="store_true", help="also measure the loss path's peak memory, TRL vs cpo-ray"
+    )
     args = ap.parse_args()
     args.warmup = max(1, args.warmup)
     names = contender_list(args.contenders, CONTENDERS)

@@ -151,6 +151,47 @@ def length_grouped(buffers, micro_batch_size: int, rng: np.random.Generator):
             yield {k: v[chunks[j]] for k, v in buf.items()}
 
 
+def pair_cost(batch: dict, shared_prompt: bool) -> np.ndarray:
+    """Tokens each prompt's group puts through the model: the prompt once (shared) or once per response."""
+    cols = zip(batch[PROMPT_IDS], batch[CHOSEN_IDS], batch[REJECTED_IDS], strict=True)
+    out = []
+    for p, c, rs in cols:
+        responses = [len(c), *(len(r) for r in rs)]
+        out.append(sum(responses) + len(p) * (1 if shared_prompt else len(responses)))
+    return np.array(out, dtype=np.int64)
+
+
+def _objects(column: np.ndarray) -> np.ndarray:
+    """A column as a 1-D array of rows (Ray gives equal-length token lists as a 2-D array)."""
+    if column.ndim == 1:
+        return column
+    out = np.empty(len(column), dtype=object)
+    for i, row in enumerate(column):
+        out[i] = row
+    return out
+
+
+def balance_ranks(parts: list[dict], rank: int, shared_prompt: bool) -> dict:
+    """This rank's micro-batch once every rank's micro-batch (`parts`, in rank order) is pooled and re-split:
+    each rank keeps as many pairs as it read, but the shares are chosen for near-equal token counts.
+
+    Data-parallel ranks wait for the slowest at every gradient all-reduce; two micro-batches of HH pairs
+    with the same pair count easily differ by 1.5x in tokens. Greedy longest-first into the lightest share
+    that still has room: deterministic, the same on every rank. Pair counts are kept, so the all-reduced
+    mean of per-rank losses is the same objective as before; the step trains the same pooled pairs.
+    """
+    pooled = {k: np.concatenate([_objects(part[k]) for part in parts]) for k in parts[0]}
+    cost = pair_cost(pooled, shared_prompt)
+    room = [len(part[PROMPT_IDS]) for part in parts]
+    load = [0] * len(parts)
+    share = np.empty(len(cost), dtype=np.int64)
+    for i in np.argsort(-cost, kind="stable"):
+        r = min((j for j in range(len(parts)) if room[j]), key=lambda j: (load[j], j))
+        share[i], room[r], load[r] = r, room[r] - 1, load[r] + int(cost[i])
+    mine = np.flatnonzero(share == rank)  # in pooled order
+    return {k: v[mine] for k, v in pooled.items()}
+
+
 def collate_varlen(batch: dict, pad_id: int) -> dict:
     """All 2B sequences end to end in ONE row, no padding at all, with their boundaries (cu_seqlens).
 
@@ -263,20 +304,46 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 HEAD_CHUNK_BYTES = 64 * 2**20  # fp32 logits held at once by token_logps (forward and backward)
 
 
+class _TargetLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits)[t, tgt_t] per row, with the gradient built IN the saved logits buffer.
+
+    Autograd's logsumexp + gather keep the logits and allocate a softmax and a scattered one-hot of the same
+    [n, V] size in backward; here d/dlogits = g * (onehot - softmax) overwrites the logits (nothing else
+    reads them: the head's last op saves its input, not its output), so a chunk costs one [n, V] buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, lse, tgt)
+        return logits.gather(1, tgt[:, None]).squeeze(1) - lse
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        logits, lse, tgt = ctx.saved_tensors
+        grad = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+        return grad.scatter_add_(1, tgt[:, None], g[:, None]), None
+
+
 def token_logps(head, h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """log p(tgt_t) for each row of h, without ever holding [N, V] logits when that would be large.
 
     Small batches (or vocabularies): one head call. Otherwise chunks of rows, each under activation
-    checkpointing: its logits (and log-softmax) exist only while that chunk is computed, in the forward and
-    again in the backward, so the loss path holds at most HEAD_CHUNK_BYTES of logits (plus h) instead of
-    N x V fp32 values and their gradient. Costs one more head matmul per chunk in backward.
+    checkpointing: its logits exist only while that chunk is computed, in the forward and again in the
+    backward (where the same buffer becomes their gradient, _TargetLogSoftmax), so the loss path holds at
+    most HEAD_CHUNK_BYTES of logits (plus h) instead of N x V fp32 values, their log-softmax and gradient.
+    Costs one more head matmul per chunk in backward.
     """
 
     def chunk(hc, tc):
-        logits = head(hc)
-        return logits.gather(1, tc[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        return _TargetLogSoftmax.apply(head(hc), tc)
 
-    rows = max(1, HEAD_CHUNK_BYTES // (4 * head.vocab_size))
+    budget, w = HEAD_CHUNK_BYTES, getattr(head, "weight", None)
+    if w is not None and w.requires_grad:
+        # A trained head gets one [V, H] weight gradient per chunk, added into the accumulated one: chunks
+        # whose logits are smaller than the weight save nothing but cost that add (and a weight-sized temporary).
+        budget = max(budget, 4 * getattr(w, "ds_numel", w.numel()))
+    rows = max(1, budget // (4 * head.vocab_size))
     if h.shape[0] <= rows:
         return chunk(h, tgt)
     from torch.utils.checkpoint import checkpoint

@@ -163,6 +163,10 @@ class TrainConfig(_Strict):
     # Micro-batches per length-sorted buffer: pairs of similar length train together (less padding,
     # fewer packed row tails); larger = tighter lengths but batches less random. 0 or 1 = stream order.
     group_by_length: int = 16
+    # Several workers: pool the ranks' micro-batches (one all-gather of their token ids) and re-split them
+    # into equal pair counts with near-equal tokens, so no rank waits for a longer batch at the all-reduce.
+    # Off = each rank trains the pairs it read.
+    balance_ranks: bool = True
     # ZeRO-0 with several workers: all-reduce gradients in buckets while backward runs (as torch DDP)
     # instead of DeepSpeed's one flatten + all-reduce after it. Off = DeepSpeed's own path.
     overlap_grad_sync: bool = True

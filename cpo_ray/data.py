@@ -39,6 +39,7 @@ from cpo_ray.contract import (
 from cpo_ray.tokenize import RowError, Special, tokenize_batch
 
 READ_BATCH = 1024
+READ_CPUS = 0.25  # CPU share of a read task: reading is cheap next to tokenizing
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 MAX_EXAMPLES = 5  # file:line examples kept per reject reason
 
@@ -325,9 +326,12 @@ def tokenized_dataset(files: list[str], cfg: Config, model_path: str, num_actors
     paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
     # Reading stays a separate (unfused) stage with its own small CPU share, so one big file read
     # by one task still feeds every tokenizer actor.
-    raw = paths.map_batches(read_file, batch_size=1, num_cpus=0.25)
+    raw = paths.map_batches(read_file, batch_size=1, num_cpus=READ_CPUS)
     cpus = ray.cluster_resources().get("CPU", 1)
     actors = num_actors or max(1, int(cpus))
+    # A fixed pool, one actor per CPU from the start, each holding a CPU share that leaves room for the
+    # read tasks: an autoscaling pool starting at one actor never got its second one on 2 CPUs (the
+    # reads held the rest), so tokenizing ran on one core.
     return raw.map_batches(
         Tokenize,
         fn_constructor_kwargs={
@@ -336,8 +340,8 @@ def tokenized_dataset(files: list[str], cfg: Config, model_path: str, num_actors
             "trust_remote_code": cfg.model.trust_remote_code,
         },
         batch_size=READ_BATCH,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-        num_cpus=1 if cpus >= 2 else 0.5,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=max(0.1, (cpus - READ_CPUS) / actors),
     )
 
 

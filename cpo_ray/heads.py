@@ -93,4 +93,5 @@ def output_head(model):
         return logits
 
     head.vocab_size = cfg.get_text_config().vocab_size
+    head.weight = lm_head.weight  # token_logps sizes its chunks by whether this is trained
     return head

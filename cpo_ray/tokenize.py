@@ -20,7 +20,8 @@ still exactly the joint encoding (counted in prepare_report.json as boundary_mer
 Truncation to max_length per sequence: the prompt loses tokens from its start first (keep the end, nearest
 the answer) down to half the budget, but keeps its head: BOS and, with a chat template, the template's
 opening (system message and first role marker), so a cut prompt still starts the way every prompt does at
-inference. Then the responses lose their ends; a response is never emptied, and a pair whose responses
+inference. Where the template ends each message with a special token (ChatML, Llama 3, Gemma), the cut
+drops whole turns: the oldest partial turn goes too, so no assistant text is ever shown as the user's. Then the responses lose their ends; a response is never emptied, and a pair whose responses
 become identical is a RowError, never a silent drop.
 """
 
@@ -48,6 +49,8 @@ class Special:
     eos_id: int
     adds_bos: bool  # tokenizer(text) prepends BOS by itself
     head_ids: tuple[int, ...] = ()  # what every prompt starts with: BOS and/or the chat template's opening
+    turn_end: tuple[int, ...] = ()  # what the template puts after each message (ChatML "<|im_end|>\n"), if special
+    system_len: int = 0  # the part of head_ids before the first role marker (BOS, the system turn)
 
     @classmethod
     def of(cls, tokenizer) -> Special:
@@ -56,24 +59,60 @@ class Special:
         bos = tokenizer.bos_token_id
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         adds_bos = bos is not None and probe[:1] == [bos]
-        head = _template_head(tokenizer)
+        # The head: what every prompt starts with. The turn end: what follows every message, when it opens
+        # with a special token (ChatML "<|im_end|>\n", Llama 3 "<|eot_id|>", Gemma "<end_of_turn>\n").
+        head, end = _around_user_message(tokenizer)
+        end = end if end and _is_special(tokenizer, end[0]) else []
         if adds_bos and head[:1] != [bos]:
             head = [bos, *head]
-        return cls(bos_id=bos, eos_id=tokenizer.eos_token_id, adds_bos=adds_bos, head_ids=tuple(head))
+        system_len = _last_end(head, end) if end else None
+        if system_len is None:
+            system_len = 1 if head[:1] == [bos] and bos is not None else 0
+        return cls(
+            bos_id=bos,
+            eos_id=tokenizer.eos_token_id,
+            adds_bos=adds_bos,
+            head_ids=tuple(head),
+            turn_end=tuple(end),
+            system_len=system_len,
+        )
 
 
-def _template_head(tokenizer) -> list[int]:
-    """Ids of what the chat template renders before the first user message's text ([] without a template)."""
+def _around_user_message(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids the chat template renders before and after a lone user message's text (([], []) without one)."""
     if not getattr(tokenizer, "chat_template", None):
-        return []
-    mark = "cpo-ray-head-marker"
+        return [], []
+    mark = "cpo-ray-message-marker"
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
     except Exception:
-        return []
+        return [], []
     if mark not in text:
-        return []
-    return tokenizer(text[: text.index(mark)], add_special_tokens=False)["input_ids"]
+        return [], []
+    before, after = text.split(mark, 1)
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (before, after)]
+
+
+def _is_special(tokenizer, token_id: int) -> bool:
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return token_id in tokenizer.all_special_ids or getattr(added.get(token_id), "special", False)
+
+
+def _last_end(ids: list[int], end: list[int]) -> int | None:
+    """Index just past the last occurrence of `end` in ids (None if absent)."""
+    for i in range(len(ids) - len(end), -1, -1):
+        if ids[i : i + len(end)] == end:
+            return i + len(end)
+    return None
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text without special tokens added. Fast tokenizers are called directly (Rust
+    encode_batch): transformers' wrapper builds a BatchEncoding per text, ~15% of a prepare's time."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -105,7 +144,7 @@ def encode_pairs(tokenizer, special: Special, prompts: list[str], chosens: list[
     rejecteds = [_terminated(tokenizer, list(rs)) for rs in rejecteds]
     n = len(prompts)
     joint = [p + r for p, rs in zip(prompts, rejecteds, strict=True) for r in rs]
-    enc = tokenizer([*prompts, *(p + c for p, c in zip(prompts, chosens, strict=True)), *joint], add_special_tokens=False)["input_ids"]  # fmt: skip
+    enc = _encode(tokenizer, [*prompts, *(p + c for p, c in zip(prompts, chosens, strict=True)), *joint])
     out, at = [], 2 * n
     for i in range(n):
         p, pc = enc[i], enc[n + i]
@@ -120,11 +159,23 @@ def encode_pairs(tokenizer, special: Special, prompts: list[str], chosens: list[
     return out
 
 
-def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[list[int]], max_length: int, keep_head: int = 0):
+def truncate_pair(
+    prompt: list[int],
+    chosen: list[int],
+    rejected: list[list[int]],
+    max_length: int,
+    keep_head: int = 0,
+    turn_end: tuple[int, ...] = (),
+    system_len: int = 0,
+):
     """Fit prompt + each response into max_length; returns (prompt, chosen, rejected) (maybe shorter).
 
     The first `keep_head` prompt tokens (BOS, the chat template's opening) survive a cut prompt when the
-    budget leaves room for them and at least one token of the prompt's end."""
+    budget leaves room for them and at least one token of the prompt's end. With `turn_end` (a chat
+    template's end-of-message ids) the cut drops WHOLE turns: the kept end starts after the first turn end
+    in it, behind the head's first `system_len` tokens (BOS + system turn, without the head's own role
+    marker), so no message is shown under the wrong role. If that would keep less than half of the kept
+    end (one long last turn), the cut stays mid-turn."""
     longest = max(len(r) for r in (chosen, *rejected))
     if len(prompt) + longest <= max_length:
         return prompt, chosen, rejected
@@ -133,7 +184,12 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[list[int]
     keep_prompt = max(max_length - longest, min(len(prompt), max_length // 2))
     if keep_prompt < len(prompt):
         head = keep_head if keep_head < keep_prompt else 0
-        prompt = prompt[:head] + prompt[len(prompt) - (keep_prompt - head) :]
+        tail = prompt[len(prompt) - (keep_prompt - head) :]
+        start = _first_end(tail, turn_end) if turn_end and system_len <= head else None
+        if start is not None and len(tail) - start >= len(tail) // 2:
+            prompt = prompt[:system_len] + tail[start:]
+        else:
+            prompt = prompt[:head] + tail
     room = max_length - len(prompt)
     chosen, rejected = chosen[:room], [r[:room] for r in rejected]
     same = _distinct(chosen, rejected)
@@ -142,6 +198,15 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[list[int]
             Reject.IDENTICAL_AFTER_TRUNCATION, f"{same} differ only past max_length={max_length}", "rejected"
         )
     return prompt, chosen, rejected
+
+
+def _first_end(ids: list[int], end: tuple[int, ...]) -> int | None:
+    """Index just past the first occurrence of `end` in ids that leaves something after it (None if none)."""
+    n = len(end)
+    for i in range(len(ids) - n):
+        if tuple(ids[i : i + n]) == end:
+            return i + n
+    return None
 
 
 def tokenize_batch(tokenizer, special: Special, prompts, chosens, rejecteds, max_length: int):
@@ -159,7 +224,7 @@ def tokenize_batch(tokenizer, special: Special, prompts, chosens, rejecteds, max
                 raise RowError(Reject.IDENTICAL_RESPONSES, f"{same} tokenize identically", "rejected")
             full = len(p) + max(len(x) for x in (c, *r))
             keep_head = _common_prefix(p, list(special.head_ids))
-            p, c, r = truncate_pair(p, c, r, max_length, keep_head)
+            p, c, r = truncate_pair(p, c, r, max_length, keep_head, special.turn_end, special.system_len)
             rows.append(
                 {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "truncated": full > max_length, "merged": merged}
             )

@@ -14,7 +14,6 @@ import json
 import math
 import shutil
 import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -30,11 +29,13 @@ from cpo_ray.contract import (
     EVAL,
     FINAL,
     METRIC_KEYS,
+    PAIR_COLUMNS,
     PHASE_KEYS,
     TRAIN,
     RunPaths,
 )
 from cpo_ray.loss import cpo_objective, sft_objective
+from cpo_ray.runstate import append_row, following, resume
 
 
 def train_loop(config: dict) -> None:
@@ -75,7 +76,7 @@ class WorkerRun:
         if t.overlap_grad_sync and t.zero_stage == 0 and self.world > 1 and torch_dtype(cfg, use_gpu) == torch.float32:
             self.grad_sync = OverlappedGradSync(self.engine.module.parameters(), self.world)
             disable_deepspeed_backward_allreduce(self.engine)
-        self.state = _resume(self.engine, self.paths, self.rank, t, self.total)
+        self.state = resume(self.engine, self.paths, self.rank, t, self.total)
         # The same answer on every rank (ZeRO-3 scoring is collective): is there a held-out split?
         self.has_heldout = any(self.paths.split_dir(EVAL).glob("*.parquet"))
         self.heldout_rows = load_heldout_rows(self.paths.split_dir(EVAL), self.rank, self.world)
@@ -99,7 +100,7 @@ class WorkerRun:
         self.start = self.window_t = time.time()
         metrics: dict = self.heldout(step) if step == 0 else {}
         if self.rank == 0 and metrics:  # the base model's held-out score: the curve's first point
-            _append(self.paths.metrics, {"step": 0, **metrics})
+            append_row(self.paths.metrics, {"step": 0, **metrics})
         self.engine.train()  # from_pretrained returns eval mode: LoRA dropout and checkpointing need train mode
         self.t_mark = time.perf_counter()
         shard = ray.train.get_dataset_shard(TRAIN)
@@ -113,8 +114,8 @@ class WorkerRun:
             metrics = self.step_metrics(step)
             if t.eval_every and step % t.eval_every == 0 and step < self.total:
                 metrics.update(self.heldout(step))
-            if self.rank == 0:  # the driver follows metrics.jsonl for the console (cpo_ray.train.follow)
-                _append(self.paths.metrics, metrics)
+            if self.rank == 0:  # the driver follows metrics.jsonl for the console (cpo_ray.runstate.follow)
+                append_row(self.paths.metrics, metrics)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < self.total:
                 self.checkpoint(metrics)
             elif step % t.report_every == 0 or "eval/accuracy" in metrics:
@@ -126,7 +127,7 @@ class WorkerRun:
         metrics.update(self.heldout(step))
         metrics["step"] = step
         if self.rank == 0:
-            _append(self.paths.metrics, {**metrics, "final": True})
+            append_row(self.paths.metrics, {**metrics, "final": True})
         self.checkpoint(metrics, final=True)
 
     def micro_step(self, raw: dict) -> bool:
@@ -134,7 +135,10 @@ class WorkerRun:
         whether this micro-batch ended an optimizer step."""
         engine, t = self.engine, self.t
         sft = self.state["step"] < self.t.sft_steps  # warm-up: chosen responses only, NLL alone
-        batch = self.collate(chosen_only(raw) if sft else raw)
+        raw = chosen_only(raw) if sft else raw
+        if t.balance_ranks and self.world > 1:
+            raw = self._balanced(raw)
+        batch = self.collate(raw)
         self._lap("time/data_s")
         loss, m = _cpo_forward(engine, batch, t, sft)
         self._lap("time/forward_s")
@@ -157,6 +161,16 @@ class WorkerRun:
         # Which pairs this rank trained: a CRC of the micro-batch's token ids (exact in float64 when summed).
         self.sums[n_m + 1 + self.world + self.rank] += zlib.crc32(batch["input_ids"].numpy().tobytes())
         return boundary
+
+    def _balanced(self, raw: dict) -> dict:
+        """This rank's share of all ranks' micro-batches, token-balanced (cpo_ray.batch.balance_ranks)."""
+        import torch.distributed as dist
+
+        from cpo_ray.batch import balance_ranks
+
+        parts = [None] * self.world
+        dist.all_gather_object(parts, {k: raw[k] for k in PAIR_COLUMNS})
+        return balance_ranks(parts, self.rank, self.t.packing and self.t.shared_prompt)
 
     def step_metrics(self, step: int) -> dict:
         """All ranks' metric sums for the step that just ended (one all_reduce), as metrics.jsonl's row."""
@@ -249,121 +263,6 @@ def _cpo_forward(engine, batch: dict, t, sft: bool):
     )
 
 
-def _resume(engine, paths: RunPaths, rank: int, t, total: int) -> dict:
-    """DeepSpeed state (weights, optimizer, scheduler) + our step and data position from Ray Train's latest
-    checkpoint. The config's lr, betas, weight decay, clipping and step budget win over the checkpoint's; what
-    changed is recorded in events.jsonl, with the steps whose metrics are discarded (they train again, on the
-    same pairs: their data digests must repeat). A new run starts its own metrics and events files."""
-    import ray.train
-
-    from cpo_ray.model import apply_hparams
-
-    hparams = {"total_steps": total, "max_grad_norm": t.max_grad_norm}
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "hparams": hparams}
-    ckpt = ray.train.get_checkpoint()
-    changed = {}
-    if ckpt:
-        with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag="ckpt")
-            state = json.loads((Path(d) / CHECKPOINT_STATE).read_text())
-        changed = apply_hparams(engine, t)
-        saved = state.get("hparams", {})
-        changed |= {k: (saved.get(k), v) for k, v in hparams.items() if saved.get(k) != v}
-        state["hparams"] = hparams
-    if rank == 0:
-        paths.output_dir.mkdir(parents=True, exist_ok=True)
-        if not ckpt:
-            paths.metrics.unlink(missing_ok=True)
-            paths.events.unlink(missing_ok=True)
-        else:  # restarts (worker or driver crash, or a longer re-run) are recorded, not just printed
-            replayed = _truncate_metrics(paths.metrics, state["step"])
-            keep = ("step", "loss", "data/digest")
-            event = {"event": "resume", "time": time.time(), **state, "changed": changed}
-            _append(paths.events, event | {"replayed": [{k: r.get(k) for k in keep} for r in replayed]})
-    return state
-
-
-def _append(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-class _Tail:
-    """New complete lines of a file that rank 0 appends to, rewrites (resume) or replaces (a new run)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        st = path.stat() if path.exists() else None
-        self.ino, self.pos = (st.st_ino, st.st_size) if st else (None, 0)  # history is not news
-
-    def new_lines(self) -> list[str]:
-        if not self.path.exists():
-            return []
-        st = self.path.stat()
-        if st.st_ino != self.ino:  # a new file: all of it is new
-            self.ino, self.pos = st.st_ino, 0
-        elif st.st_size < self.pos:  # rewritten shorter (resume drops steps past the checkpoint)
-            self.pos = st.st_size
-        with self.path.open("rb") as f:
-            f.seek(self.pos)
-            data = f.read()
-        done = data[: data.rfind(b"\n") + 1]  # a line being written waits for the next poll
-        self.pos += len(done)
-        return done.decode().splitlines()
-
-
-def follow(paths: RunPaths, total: int, every: int, stop) -> None:
-    """Driver thread: the run's progress on the console, read from what rank 0 writes (metrics.jsonl,
-    events.jsonl on the run's storage, which every node sees): held-out scores, a progress line every
-    `every` steps (live on a terminal), resumes and the settings they changed."""
-    from cpo_ray import console
-
-    tails = [_Tail(paths.events), _Tail(paths.metrics)]
-    first = None  # (step, time) of the first training step seen: the eta's rate
-    while True:
-        done = stop.wait(1.0)
-        for tail in tails:
-            for ln in tail.new_lines():
-                row = json.loads(ln)
-                if row.get("event") == "resume":
-                    changed = (
-                        "; changed " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in row["changed"].items())
-                        if row["changed"]
-                        else ""
-                    )
-                    console.say(f"resumed at step {row['step']} (epoch {row['epoch']}){changed}")
-                    continue
-                step = row.get("step", 0)
-                if first is None and "loss" in row:
-                    first = (step, time.time())
-                if "eval/accuracy" in row and (step == 0 or row.get("final") or "loss" not in row):
-                    acc, margin = row["eval/accuracy"], row["eval/margin"]
-                    console.say(f"step {step:>5}/{total} | held-out accuracy {acc:.3f}, margin {margin:.2f}")
-                elif "loss" in row and (step % every == 0 or "eval/accuracy" in row):
-                    rate = (time.time() - first[1]) / (step - first[0]) if step > first[0] else None
-                    eta = f"{rate * (total - step):,.0f}s" if rate is not None else "-"
-                    ev = f" | held-out {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
-                    acc = f"acc {row['rewards/accuracies']:.2f}" if "rewards/accuracies" in row else "sft (chosen NLL)"
-                    line = (f"step {step:>5}/{total} | loss {row['loss']:.4f} | {acc} "
-                            f"| {row['tokens_per_s']:,.0f} tok/s | eta {eta}{ev}")  # fmt: skip
-                    if ev:
-                        console.say(line)
-                    else:
-                        console.live(line)
-        if done:
-            return
-
-
-def _truncate_metrics(path: Path, step: int) -> list[dict]:
-    """On resume, drop metric lines past the checkpoint (those steps train again); returns the dropped ones."""
-    if not path.exists():
-        return []
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln]
-    keep = [r for r in rows if r.get("step", 0) <= step and not r.get("final")]
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    return [r for r in rows if r.get("step", 0) > step and "loss" in r and not r.get("final")]
-
-
 def run_training(cfg: Config, model_path: str):
     """Driver: TorchTrainer over the tokenized train stream; copies the export into cfg.output_dir."""
     from ray.data import ExecutionOptions
@@ -399,15 +298,9 @@ def run_training(cfg: Config, model_path: str):
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     t0 = time.time()
-    stop = threading.Event()
     every = max(t.log_every, total // 10)  # ~10 progress lines in a log; a terminal rewrites one line
-    follower = threading.Thread(target=follow, args=(paths, total, every, stop), daemon=True)
-    follower.start()
-    try:
+    with following(paths, total, every):
         result = trainer.fit()
-    finally:
-        stop.set()
-        follower.join(5)
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from cpo_ray.batch import collate_packed, collate_padded, length_grouped, sequence_logps
+from cpo_ray.batch import (
+    balance_ranks,
+    collate_packed,
+    collate_padded,
+    length_grouped,
+    pair_cost,
+    sequence_logps,
+)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +136,50 @@ def test_length_grouped_remainder_is_random_not_the_longest():
         kept = {int(p[0]) for mb in mbs for p in mb["prompt_ids"]}
         left_out |= set(range(10)) - kept
     assert left_out - {8, 9}  # not always the two longest
+
+
+def _pairs(*spec):
+    """A micro-batch of pairs (tag, prompt length, chosen length, [rejected lengths]); every id is the tag."""
+    obj = lambda xs: np.array([*xs, None], dtype=object)[:-1]  # noqa: E731
+    return {
+        "prompt_ids": obj(np.full(p, t) for t, p, _, _ in spec),
+        "chosen_ids": obj(np.full(c, t) for t, _, c, _ in spec),
+        "rejected_ids": obj([np.full(r, t) for r in rs] for t, _, _, rs in spec),
+    }
+
+
+def test_pair_cost_counts_the_prompt_once_when_shared():
+    mb = _pairs((0, 10, 3, [4, 5]), (1, 2, 1, [1]))
+    assert pair_cost(mb, shared_prompt=True).tolist() == [10 + 3 + 4 + 5, 2 + 1 + 1]
+    assert pair_cost(mb, shared_prompt=False).tolist() == [3 * 10 + 3 + 4 + 5, 2 * 2 + 1 + 1]
+
+
+def test_balance_ranks_equal_counts_near_equal_tokens_every_pair_once():
+    # Rank 0 read the two long pairs, rank 1 the two short ones: costs (shared) 100, 90 | 12, 10.
+    r0 = _pairs((0, 80, 10, [10]), (1, 70, 10, [10]))
+    r1 = _pairs((2, 6, 3, [3]), (3, 4, 3, [3]))
+    shares = [balance_ranks([r0, r1], rank, shared_prompt=True) for rank in (0, 1)]
+    # Longest first into the lightest share with room: 100 -> 0 (tie: lower rank), 90 -> 1, 12 -> 1 (90 < 100),
+    # 10 -> 0 (the only share with room left): 110 vs 102 tokens instead of 190 vs 22.
+    tags = [sorted(int(p[0]) for p in sh["prompt_ids"]) for sh in shares]
+    assert tags == [[0, 3], [1, 2]]
+    assert [pair_cost(sh, True).sum() for sh in shares] == [110, 102]
+    for sh in shares:  # a pair's columns stay together
+        for p, c, rs in zip(sh["prompt_ids"], sh["chosen_ids"], sh["rejected_ids"], strict=True):
+            assert p[0] == c[0] == rs[0][0]
+
+
+def test_balance_ranks_keeps_each_ranks_pair_count_and_accepts_2d_columns():
+    rng = np.random.default_rng(0)
+    parts = [_pairs(*[(10 * r + i, int(rng.integers(1, 50)), 2, [2]) for i in range(3)]) for r in range(3)]
+    parts[2]["chosen_ids"] = np.stack(list(parts[2]["chosen_ids"]))  # equal lengths: Ray may give a 2-D array
+    shares = [balance_ranks(parts, r, shared_prompt=True) for r in range(3)]
+    assert [len(sh["prompt_ids"]) for sh in shares] == [3, 3, 3]
+    assert sorted(int(p[0]) for sh in shares for p in sh["prompt_ids"]) == sorted(
+        10 * r + i for r in range(3) for i in range(3)
+    )
+    loads = [pair_cost(sh, True).sum() for sh in shares]
+    assert max(loads) - min(loads) <= max(pair_cost(p, True).max() for p in parts)  # within one pair
 
 
 @pytest.mark.parametrize("seed", [0, 5])
@@ -297,7 +348,11 @@ def test_chunked_head_equals_one_call_in_values_and_gradients(monkeypatch):
         (out * torch.linspace(0.5, 2, 37)).sum().backward()
         grads.append((out.detach(), h.grad.clone(), lm.weight.grad.clone()))
         h.grad, lm.weight.grad, lm.bias.grad = None, None, None
+    # Reference: plain autograd through log_softmax + gather (cpo-ray builds the gradient in place).
     want = torch.log_softmax(lm(h), -1).gather(1, tgt[:, None]).squeeze(1)
+    (want * torch.linspace(0.5, 2, 37)).sum().backward()
     torch.testing.assert_close(grads[0][0], want.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads[0][1], h.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[0][2], lm.weight.grad, atol=1e-6, rtol=1e-5)
     for a, b in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)

@@ -141,3 +141,59 @@ def test_several_rejected_responses_tokenize_and_truncate_together(tokenizer):
     assert r["prompt_ids"][0] == 1 and r["rejected_ids"][0] == [b, 2]
     rows, errs = tokenize_batch(tokenizer, Special.of(tokenizer), ["Q:"], ["ab"], [["b", "b"]], 64)
     assert errs[0].reason == "identical_responses" and "two rejected" in str(errs[0])
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer():
+    """A byte-level BPE with ChatML's special tokens and template (as SmolLM2 / Qwen use): each message ends
+    with <|im_end|>\\n, a special token, so a cut can find where turns end."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import CORPUS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    fast.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return fast
+
+
+def test_truncation_drops_whole_turns_with_a_chat_template(chatml_tokenizer):
+    """A dialogue too long for max_length loses its oldest turns WHOLE: the cut prompt is the system turn, then
+    complete turns, each under its own role marker (cut mid-turn, the kept tail of an assistant message would
+    sit under the head's "user" marker: the model would train on the assistant's words as the user's)."""
+    tok = chatml_tokenizer
+    special = Special.of(tok)
+    assert tok.decode(list(special.turn_end)) == "<|im_end|>\n"
+    assert tok.decode(list(special.head_ids[: special.system_len])) == "<|im_start|>system\nBe brief.<|im_end|>\n"
+    turns = [("user", "write seven in words " * 3), ("assistant", "seven " * 8), ("user", "write twelve"),
+             ("assistant", "twelve"), ("user", "and seven?")]  # fmt: skip
+    msgs = [{"role": r, "content": t} for r, t in turns]
+    p = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    full = row(tok, p, "seven<|im_end|>", "twelve<|im_end|>", max_length=4096)
+    budget = len(full["prompt_ids"]) - 6 + 4  # a cut of a few tokens, landing inside the first user turn
+    short = row(tok, p, "seven<|im_end|>", "twelve<|im_end|>", max_length=budget)
+    text = tok.decode(short["prompt_ids"])
+    want = tok.apply_chat_template(msgs[1:], tokenize=False, add_generation_prompt=True)  # system turn + turns 2-5
+    assert short["truncated"] and text == want, text
+    # The cut stays mid-turn (behind the whole head) when whole turns would leave less than half: one long turn.
+    long = [{"role": "user", "content": "write seven in words " * 12}]
+    p = tok.apply_chat_template(long, tokenize=False, add_generation_prompt=True)
+    cut = row(tok, p, "seven<|im_end|>", "twelve<|im_end|>", max_length=40)
+    assert tok.decode(cut["prompt_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert tok.decode(cut["prompt_ids"]).endswith("<|im_start|>assistant\n")

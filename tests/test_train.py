@@ -141,6 +141,29 @@ def test_zero0_full_two_workers_grad_accum_overlapped_sync(ray_local, tmp_path):
     assert rows[-1]["batch_in_epoch"] == 2 * 16  # two micro-batches per optimizer step
 
 
+def test_balanced_ranks_train_the_same_pooled_pairs(ray_local, tmp_path):
+    """train.balance_ranks re-splits the ranks' micro-batches by tokens: other pairs on each rank (digests
+    differ), yet with equal pair counts and cpo_alpha=0 the step's objective is the same mean over the same
+    pooled pairs, so step 1's loss, metrics and global gradient norm match the unbalanced run."""
+    common = [
+        "train.zero_stage=0",
+        "model.lora.enabled=false",
+        "model.lora.modules_to_save=[]",
+        "train.max_steps=1",
+        "train.cpo_alpha=0",
+        "train.group_by_length=0",  # stream order: the two ranks' batches differ in length
+    ]
+    on, _ = run(tmp_path, "bal", [*common, "train.balance_ranks=true"])
+    off, _ = run(tmp_path, "nobal", [*common, "train.balance_ranks=false"], prepared=on.output_dir)
+    (a,), (b,) = (
+        [r for r in metrics(c) if r.get("step") == 1 and "loss" in r and not r.get("final")] for c in (on, off)
+    )
+    assert a["data/digest"] != b["data/digest"]  # pairs moved between ranks
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert a["tokens"] == b["tokens"]  # the same pooled pairs
+
+
 def test_resume_continues_step_optimizer_and_schedule(ray_local, tmp_path):
     common = [
         "train.zero_stage=2",
