@@ -14,9 +14,17 @@ fi
 echo "[setup] creating $VENV from requirements/cpu.lock (a few minutes, ~3 GB)" >&2
 start=$(date +%s)
 "$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip >/dev/null
-"$VENV/bin/pip" install -q --no-deps -r requirements/cpu.lock
-"$VENV/bin/pip" install -q --no-deps -e .
+# pip's output (and any index warnings of the machine's pip config) goes to a log, shown only on failure.
+LOG="$VENV/setup.log"
+pip_install() {
+  "$VENV/bin/pip" install "$@" >>"$LOG" 2>&1 && return 0
+  echo "[setup] pip install $* failed; the end of $LOG:" >&2
+  tail -n 30 "$LOG" >&2
+  exit 1
+}
+pip_install --upgrade pip
+pip_install --no-deps -r requirements/cpu.lock
+pip_install --no-deps -e .
 for bad in torchvision torchaudio torchcodec triton; do
   if "$VENV/bin/pip" show -q "$bad" 2>/dev/null; then echo "[setup] $bad must not be installed" >&2; exit 1; fi
 done
