@@ -28,6 +28,6 @@ pip_install --no-deps -e .
 for bad in torchvision torchaudio torchcodec triton; do
   if "$VENV/bin/pip" show -q "$bad" 2>/dev/null; then echo "[setup] $bad must not be installed" >&2; exit 1; fi
 done
-"$VENV/bin/python" -c "import torch, ray, deepspeed, transformers, peft, vllm; print('[setup] torch', torch.__version__, 'ray', ray.__version__)" 2>/dev/null
+"$VENV/bin/python" -c "import torch, ray, deepspeed, transformers, peft, vllm; print('[setup] torch', torch.__version__, 'ray', ray.__version__)" 2>/dev/null | grep '^\[setup\]'
 cp requirements/cpu.lock "$VENV/.cpo-ray-lock"
 echo "[setup] done in $(( $(date +%s) - start ))s; $(du -sh "$VENV" | cut -f1)" >&2
