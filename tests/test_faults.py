@@ -84,7 +84,8 @@ def check_recovered(out: Path, killed_at: int, every: int = 5, max_steps: int = 
     # Exact resume: the steps trained again saw the same pairs on the same ranks (data digests) and, from the
     # restored weights and optimizer state, computed the same losses as before the crash.
     replayed = events[-1]["replayed"]
-    assert replayed and [r["step"] for r in replayed] == list(range(resumed + 1, resumed + 1 + len(replayed)))
+    assert [r["step"] for r in replayed] == list(range(resumed + 1, resumed + 1 + len(replayed)))
+    assert replayed or killed_at == resumed  # killed right after a checkpoint: nothing trains twice
     again = {r["step"]: r for r in rows}
     for r in replayed:
         assert r["data/digest"] == again[r["step"]]["data/digest"], r["step"]
@@ -141,7 +142,8 @@ def test_driver_kill_then_rerun_resumes(tmp_path):
         cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        killed_at = wait_for_step(out, 8)
+        # Early in a checkpoint interval: the kill lands a few steps later, rarely on the next checkpoint.
+        killed_at = wait_for_step(out, 6)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started (its own process group)
         first.wait(30)
