@@ -21,7 +21,8 @@ Truncation to max_length per sequence: the prompt loses tokens from its start fi
 the answer) down to half the budget, but keeps its head: BOS and, with a chat template, the template's
 opening (system message and first role marker), so a cut prompt still starts the way every prompt does at
 inference. Where the template ends each message with a special token (ChatML, Llama 3, Gemma), the cut
-drops whole turns: the oldest partial turn goes too, so no assistant text is ever shown as the user's. Then the responses lose their ends; a response is never emptied, and a pair whose responses
+drops whole turns: the oldest partial turn goes too, so no assistant text is ever shown as the user's. Then
+the responses lose their ends; a response is never emptied, and a pair whose responses
 become identical is a RowError, never a silent drop.
 """
 
@@ -65,9 +66,8 @@ class Special:
         end = end if end and _is_special(tokenizer, end[0]) else []
         if adds_bos and head[:1] != [bos]:
             head = [bos, *head]
-        system_len = _last_end(head, end) if end else None
-        if system_len is None:
-            system_len = 1 if head[:1] == [bos] and bos is not None else 0
+        ends = _ends(head, end) if end else []
+        system_len = ends[-1] if ends else int(bos is not None and head[:1] == [bos])
         return cls(
             bos_id=bos,
             eos_id=tokenizer.eos_token_id,
@@ -98,12 +98,10 @@ def _is_special(tokenizer, token_id: int) -> bool:
     return token_id in tokenizer.all_special_ids or getattr(added.get(token_id), "special", False)
 
 
-def _last_end(ids: list[int], end: list[int]) -> int | None:
-    """Index just past the last occurrence of `end` in ids (None if absent)."""
-    for i in range(len(ids) - len(end), -1, -1):
-        if ids[i : i + len(end)] == end:
-            return i + len(end)
-    return None
+def _ends(ids: list[int], end: tuple[int, ...]) -> list[int]:
+    """Indices just past each occurrence of the id sequence `end` in ids."""
+    n, end = len(end), list(end)
+    return [i + n for i in range(len(ids) - n + 1) if ids[i : i + n] == end]
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -185,9 +183,9 @@ def truncate_pair(
     if keep_prompt < len(prompt):
         head = keep_head if keep_head < keep_prompt else 0
         tail = prompt[len(prompt) - (keep_prompt - head) :]
-        start = _first_end(tail, turn_end) if turn_end and system_len <= head else None
-        if start is not None and len(tail) - start >= len(tail) // 2:
-            prompt = prompt[:system_len] + tail[start:]
+        starts = [i for i in _ends(tail, turn_end) if i < len(tail)] if turn_end and system_len <= head else []
+        if starts and len(tail) - starts[0] >= len(tail) // 2:  # from the first whole turn on
+            prompt = prompt[:system_len] + tail[starts[0] :]
         else:
             prompt = prompt[:head] + tail
     room = max_length - len(prompt)
@@ -198,15 +196,6 @@ def truncate_pair(
             Reject.IDENTICAL_AFTER_TRUNCATION, f"{same} differ only past max_length={max_length}", "rejected"
         )
     return prompt, chosen, rejected
-
-
-def _first_end(ids: list[int], end: tuple[int, ...]) -> int | None:
-    """Index just past the first occurrence of `end` in ids that leaves something after it (None if none)."""
-    n = len(end)
-    for i in range(len(ids) - n):
-        if tuple(ids[i : i + n]) == end:
-            return i + n
-    return None
 
 
 def tokenize_batch(tokenizer, special: Special, prompts, chosens, rejecteds, max_length: int):
