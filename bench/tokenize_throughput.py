@@ -31,8 +31,9 @@ from bench.common import HH, local_ray, log, run_bench, smollm2_dir
 
 
 def loop_baseline(files: list[str], tokenizer, max_length: int) -> tuple[int, int]:
-    from cpo_ray.formats import detect_format, normalize
-    from cpo_ray.tokenize import RowError, Special, truncate_pair
+    from cpo_ray.contract import RowError
+    from cpo_ray.data.formats import detect_format, normalize
+    from cpo_ray.data.tokenize import Special, truncate_pair
 
     sp = Special.of(tokenizer)
     kept = rejected = 0
@@ -52,7 +53,8 @@ def loop_baseline(files: list[str], tokenizer, max_length: int) -> tuple[int, in
 
 
 def batched_single(files: list[str], model_path: str, cfg) -> int:
-    from cpo_ray.data import READ_BATCH, Tokenize, read_file
+    from cpo_ray.data.prepare import Tokenize
+    from cpo_ray.data.readers import READ_BATCH, read_file
 
     udf = Tokenize(model_path, cfg.data.model_dump())
     n = 0
@@ -67,7 +69,7 @@ def bench(args, tmp: Path) -> dict:
     from transformers import AutoTokenizer
 
     from cpo_ray.config import load_config
-    from cpo_ray.data import prepare
+    from cpo_ray.data.prepare import prepare
     from cpo_ray.embedded import build_embedded_model
 
     if args.tokenizer == "embedded":

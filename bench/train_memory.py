@@ -27,10 +27,11 @@ def _child(name: str, model_dir: str, pairs: int, max_length: int, dropout: floa
     import torch
 
     from bench.common import peak_rss_gib, reset_peak_rss
-    from cpo_ray.batch import collate_for, sequence_logps
     from cpo_ray.config import load_config
     from cpo_ray.contract import PAIR_COLUMNS
-    from cpo_ray.model import build_model
+    from cpo_ray.train.collate import collate_for
+    from cpo_ray.train.logps import sequence_logps
+    from cpo_ray.train.model import build_model
 
     torch.set_num_threads(1)
     cfg = load_config(

@@ -13,7 +13,7 @@ clip 1.0, constant lr, sigmoid CPO + NLL (beta 0.1, cpo_alpha 1.0), full fine-tu
 (warmup + steps) x pairs HH-RLHF pairs that fit max_length.
 
 Contenders (--contenders, comma-separated):
-  ray_1x2   cpo_ray.train.run_training (TorchTrainer + DeepSpeed) on a Parquet of the same pairs,
+  ray_1x2   cpo_ray.train.trainer.run_training (TorchTrainer + DeepSpeed) on a Parquet of the same pairs,
             1 worker x 2 torch threads; ray_1x1: 1 worker x 1 thread; ray_2x1: 2 workers x 1 thread
             (global batch stays --pairs: micro_batch_size = pairs / workers); ray_2x1_unbalanced: the same
             with train.balance_ranks off (each rank trains the pairs it read, not a token-balanced share). Ray Data streams the Parquet
@@ -76,7 +76,7 @@ def write_parquet(pairs: list[dict], data_dir: Path) -> None:
     import pyarrow.parquet as pq
 
     from cpo_ray.contract import KEPT_COLUMNS, PAIR_COLUMNS, SOURCE, TRAIN, TRUNCATED
-    from cpo_ray.data import OUT_SCHEMA
+    from cpo_ray.data.prepare import OUT_SCHEMA
 
     schema = pa.schema([OUT_SCHEMA.field(c) for c in KEPT_COLUMNS])
     table = pa.table(
@@ -94,7 +94,7 @@ def write_parquet(pairs: list[dict], data_dir: Path) -> None:
 def run_ray(name: str, model_dir: Path, data_dir: Path, args, work: Path) -> dict:
     from cpo_ray.config import Config
     from cpo_ray.contract import RunPaths
-    from cpo_ray.train import run_training
+    from cpo_ray.train.trainer import run_training
 
     workers, threads, balance = RAY_SHAPES[name]
     # Every training setting the bench relies on is set here: the library defaults are for LoRA runs.

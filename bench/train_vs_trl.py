@@ -13,7 +13,7 @@ with `tokenizers` on the HH data), hidden 512, 6 layers, 8 heads, intermediate 1
 max_length 512, 4 pairs per optimizer step, 2 threads. Ray Train scaling is bench.train_scaling.
 
 Data: ../shared/data/hh-rlhf-harmless-base/test.jsonl.gz (implicit-prompt HH-RLHF), split into
-prompt/chosen/rejected by cpo_ray.formats.normalize and tokenized by cpo_ray.tokenize (BOS + prompt,
+prompt/chosen/rejected by cpo_ray.data.formats.normalize and tokenized by cpo_ray.data.tokenize (BOS + prompt,
 response + EOS). TRL never truncates prompts, so pairs whose prompt + longest response exceed max_length
 are dropped for everyone (counted in the JSON), as are pairs where TRL's enc(prompt + response) would give
 other ids than cpo-ray's enc(prompt) + enc(response) (counted too; the ids TRL builds are then checked equal
@@ -23,7 +23,7 @@ file order (see bench.common).
 Contenders (--contenders, comma-separated):
   trl       trl.experimental.cpo.CPOTrainer, train_sampling_strategy=sequential: batch i = pairs[4i:4i+4],
             DPODataCollatorWithPadding (right padding to the longest of the 8 sequences), full [8, L, V] logits
-  padded    cpo-ray step in this process: collate_padded + sequence_logps + cpo_objective + backward + clip +
+  padded    cpo-ray step in this process: collate_padded + sequence_logps + Objective + backward + clip +
             AdamW, the SAME batches as trl (one sequence per row, right padding to the longest)
   packed    the same with collate_packed (sequences of the batch packed into rows as wide as the longest,
             block-diagonal mask; padding only in row tails)
@@ -176,22 +176,20 @@ def timed(marks: list[float], step_tokens: list[int], args) -> dict:
 
 def batches(pairs: list[dict], args) -> list[dict]:
     """--pairs pairs per step in order, as the numpy columns the trainer's stream hands to collate."""
-    from cpo_ray.heldout import as_batch
+    from cpo_ray.train.collate import as_batch
 
     return [as_batch(pairs[i * args.pairs : (i + 1) * args.pairs]) for i in range(args.warmup + args.steps)]
 
 
 def batch_loss(model, batch: dict):
     """cpo-ray's loss on a collated batch: one forward, sigmoid CPO + NLL (the bench's settings)."""
-    from cpo_ray.batch import sequence_logps
-    from cpo_ray.loss import cpo_objective
+    from cpo_ray.train.logps import sequence_logps
+    from cpo_ray.train.loss import Objective, PolicyLogps
 
     logp, count = sequence_logps(model, batch)
-    b = batch["num_chosen"]
-    loss, _ = cpo_objective(
-        logp[:b], logp[b:], count[:b], count[b:], rejected_group=batch["rejected_group"],
-        loss_type="sigmoid", beta=BETA, cpo_alpha=CPO_ALPHA, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0,
-    )  # fmt: skip
+    loss, _ = Objective(beta=BETA, cpo_alpha=CPO_ALPHA)(
+        PolicyLogps.split(logp, count, batch["num_chosen"], batch["rejected_group"])
+    )
     return loss
 
 
@@ -218,7 +216,7 @@ def cpo_ray_step(model, opt, raw: dict, collate, phases: dict | None = None) -> 
 
 
 def collate_fn(variant: str, pad_id: int):
-    from cpo_ray.batch import collate_packed, collate_padded, collate_shared, collate_varlen
+    from cpo_ray.train.collate import collate_packed, collate_padded, collate_shared, collate_varlen
 
     fn = {"packed": collate_packed, "padded": collate_padded, "varlen": collate_varlen, "shared": collate_shared}[
         variant
@@ -235,7 +233,7 @@ def run_cpo_ray(variant: str, model_dir: Path, pairs: list[dict], args, profile:
     collate = collate_fn(variant, pad_id)
     model = load_model(model_dir)
     if variant in ("varlen", "shared"):
-        from cpo_ray.attention import use_varlen_attention
+        from cpo_ray.train.attention import use_varlen_attention
 
         use_varlen_attention(model)
     model.train()
@@ -256,9 +254,9 @@ def run_cpo_ray(variant: str, model_dir: Path, pairs: list[dict], args, profile:
         + {
             "packed": "sequences packed into rows as wide as the longest (first-fit by length, position ids restart, "
             "block-diagonal mask), padding only in row tails",
-            "varlen": "all sequences in one row, no padding; per-sequence causal SDPA (cpo_ray.batch.varlen_sdpa)",
+            "varlen": "all sequences in one row, no padding; per-sequence causal SDPA (cpo_ray.train.attention.varlen_attention)",
             "padded": "one sequence per row, right-padded to the longest",
-            "shared": "one row, each prompt once with both responses attending to it (cpo_ray.batch.collate_shared): "
+            "shared": "one row, each prompt once with both responses attending to it (cpo_ray.train.collate.collate_shared): "
             "what the trainer runs by default",
         }[variant]
     )
@@ -308,13 +306,13 @@ def _loss_path_child(kind: str, lens: list, vocab: int, hidden: int, threads: in
     baseline), then the loss path runs forward + backward; reports the peak RSS above the baseline.
     trl: TRL 1.16's path: logits over every position of the padded [2B, L] batch, log_softmax + gather
     (CPOTrainer.get_batch_logps), cross-entropy of the chosen half, sigmoid CPO. cpo_ray: the response
-    positions only (gathered), cpo_ray.batch.token_logps (chunked, checkpointed head), cpo_objective. liger:
+    positions only (gathered), cpo_ray.train.logps.token_logps (chunked, checkpointed head), Objective. liger:
     Liger-Kernel's LigerFusedLinearCPOLoss on TRL's batch."""
     import torch
     import torch.nn.functional as F
 
     from bench.common import peak_rss_gib, reset_peak_rss
-    from cpo_ray.loss import cpo_loss, cpo_objective
+    from cpo_ray.train.loss import Objective, PolicyLogps, cpo_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -354,7 +352,7 @@ def _loss_path_child(kind: str, lens: list, vocab: int, hidden: int, threads: in
         out = LigerFusedLinearCPOLoss(beta=BETA, alpha=CPO_ALPHA, compiled=False)(w, h[:, :-1], labels[:, 1:])
         loss = out[0] if isinstance(out, tuple) else out
     else:
-        from cpo_ray.batch import token_logps
+        from cpo_ray.train.logps import token_logps
 
         def head(x):
             return F.linear(x, w).float()
@@ -363,8 +361,7 @@ def _loss_path_child(kind: str, lens: list, vocab: int, hidden: int, threads: in
         tok = token_logps(head, h, tgt)
         logp = torch.zeros(2 * b).index_add_(0, seq, tok)
         count = torch.bincount(seq, minlength=2 * b).float()
-        loss, _ = cpo_objective(logp[:b], logp[b:], count[:b], count[b:], loss_type="sigmoid", beta=BETA,
-                                cpo_alpha=CPO_ALPHA, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0)  # fmt: skip
+        loss, _ = Objective(beta=BETA, cpo_alpha=CPO_ALPHA)(PolicyLogps.split(logp, count, b))
     loss.backward()
     q.put(peak_rss_gib() - base)
 

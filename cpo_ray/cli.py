@@ -54,7 +54,7 @@ def cmd_train(cfg, args) -> None:
 
 
 def cmd_serve(cfg, args) -> None:
-    from cpo_ray.serve import served_models, start_server, stop_server
+    from cpo_ray.serve.app import resolve_api_key, served_models, start_server, stop_server
 
     if args.stop:
         with console.stage("serve"):
@@ -64,7 +64,8 @@ def cmd_serve(cfg, args) -> None:
     models = dict(m.split("=", 1) for m in args.model) if args.model else served_models(cfg)
     with console.stage("serve"):
         url = start_server(cfg.serve, models, detached=args.detach)
-    console.say(f"serving {', '.join(models)} at {url}")
+    auth = " (Bearer auth)" if resolve_api_key(cfg.serve) else ""
+    console.say(f"serving {', '.join(models)} at {url}{auth}")
     if args.detach:
         console.say("running detached; stop with `cpo-ray serve --stop`")
         return
@@ -86,7 +87,7 @@ def cmd_eval(cfg, args) -> None:
     models = args.model or cfg.eval.models
     if not endpoint or not models:
         raise UsageError("needs --endpoint URL and at least one --model ID (or eval.endpoint / eval.models)")
-    from cpo_ray.report_eval import markdown_table
+    from cpo_ray.eval.render import markdown_table
 
     with console.stage(Stage.EVAL):
         result = stage_eval(cfg, endpoint, models, tokenizer_path=args.tokenizer)
@@ -160,7 +161,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 @contextlib.contextmanager
 def exit_codes(command: str):
     """Bad input and bad command lines become one clear line on stderr and an exit code, not a traceback."""
-    from cpo_ray.data import DataError
+    from cpo_ray.contract import DataError
 
     try:
         yield

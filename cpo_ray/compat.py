@@ -9,8 +9,9 @@ from __future__ import annotations
 
 
 def skip_deepspeed_shm_comm_build() -> None:
-    """deepspeed 0.19.8: every first deepspeed.initialize builds the shared-memory comm C++ op (~40 s on 2
-    cores) although it is only used with LOCAL_SIZE set; marking it incompatible skips the build."""
+    """deepspeed 0.19.8: every first deepspeed.initialize builds the shared-memory comm C++ op (tens of
+    seconds on a small CPU host) although it is only used with LOCAL_SIZE set; marking it incompatible skips
+    the build."""
     import deepspeed
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -24,7 +25,7 @@ def zero3_full_state_dict(engine) -> dict | None:
 
 def disable_deepspeed_backward_allreduce(engine) -> None:
     """deepspeed 0.19.8: ZeRO-0 all-reduces gradients after backward unless this engine attribute is False
-    (there is no config key for it); cpo_ray.gradsync then does the all-reduce, overlapped with backward."""
+    (there is no config key for it); cpo_ray.train.gradsync then does the all-reduce, overlapped with backward."""
     if not hasattr(engine, "enable_backward_allreduce"):
         raise AttributeError("DeepSpeedEngine.enable_backward_allreduce is gone: set train.overlap_grad_sync=false")
     engine.enable_backward_allreduce = False

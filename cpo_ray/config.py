@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cpo_ray.contract import LossType
+
 EMBEDDED_MODEL = "embedded:tiny"
 
 
@@ -31,7 +33,7 @@ class _Strict(BaseModel):
 
 
 class SyntheticConfig(_Strict):
-    """The shipped numbers-to-words preference task (see cpo_ray.synthetic)."""
+    """The shipped numbers-to-words preference task (see cpo_ray.data.synthetic)."""
 
     train_pairs: int = 20000  # more pairs = more distinct numbers seen, a longer prepare
     eval_pairs: int = 500  # held-out pairs; more = a tighter accuracy estimate, slower evaluations
@@ -95,15 +97,16 @@ class LoraConfig(_Strict):
     enabled: bool = True  # False = full fine-tune: every weight and its Adam state, ~10x lower lr
     r: int = 16  # rank (paper: 16): higher = more capacity, more memory and compute
     alpha: int = 32  # scale = alpha / r
-    # Regularisation of the adapter input (ALMA-R: 0.05). > 0 copies every adapted layer's input: ~25% more
-    # activation memory and ~35% more time on CPU; 0 for short runs, tiny or synthetic tasks.
+    # Regularisation of the adapter input (ALMA-R: 0.05). > 0 copies every adapted layer's input: more
+    # activation memory and time (measured: bench/RESULTS.md, figures cited by the code); 0 for short runs,
+    # tiny or synthetic tasks.
     dropout: float = 0.05
     target_modules: list[str] | str = "all-linear"  # every projection in attention and MLP (not lm_head)
     modules_to_save: list[str] = Field(default_factory=list)  # trained in full as well (e.g. embed_tokens)
 
 
 class ModelConfig(_Strict):
-    """The causal LM to tune (cpo_ray.model)."""
+    """The causal LM to tune (cpo_ray.train.model)."""
 
     # Hub id or folder; embedded:tiny = a tiny random model built offline; a .gguf file (path, or
     # pkg:<package>/<file> inside an installed package) = converted once to a safetensors folder (cpo_ray.gguf)
@@ -115,14 +118,14 @@ class ModelConfig(_Strict):
     # None = sdpa, and with train.packing per-sequence causal SDPA over one padding-free row;
     # flash_attention_2 on GPU reads the same packed boundaries; sdpa/eager = block-diagonal mask rows.
     attn_implementation: str | None = None
-    # Recompute activations in backward: SmolLM2-135M holds ~1.6 MB of activations per token through the model
-    # (2 x 384-token pairs: 3.6 -> 2.3 GB per worker), for ~35% more compute.
+    # Recompute activations in backward: peak memory per worker falls by about a third for more compute
+    # (SmolLM2 figures: bench/RESULTS.md, "Memory of a training process").
     gradient_checkpointing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class TrainConfig(_Strict):
-    """Ray Train + DeepSpeed + the CPO loss (cpo_ray.train, cpo_ray.loss)."""
+    """Ray Train + DeepSpeed + the CPO loss (cpo_ray.train)."""
 
     num_workers: int = 1  # Ray Train workers = data-parallel ranks (one per GPU)
     use_gpu: bool = False  # one GPU per worker
@@ -146,13 +149,14 @@ class TrainConfig(_Strict):
     max_steps: int | None = None  # optimizer steps; None = as many as `epochs` allows
     epochs: int = 1  # passes over the training split (paper: 1); the run ends at whichever comes first
     # CPO (Xu et al. 2024) and TRL CPOTrainer's pairwise variants (averaged over a prompt's K rejected
-    # responses), or infonce: one softmax over the chosen and all K rejected per prompt; see cpo_ray.loss
-    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "alphapo", "infonce"] = "sigmoid"
+    # responses), or infonce: one softmax over the chosen and all K rejected per prompt; see cpo_ray.train.loss
+    loss_type: LossType = LossType.SIGMOID
     length_normalize: bool = False  # infonce on length-averaged log-probs (ipo/simpo/alphapo always average)
     # Warm start: the first N optimizer steps train the chosen NLL alone (SFT), then the configured CPO loss
     sft_steps: int = 0
     beta: float = 0.1  # temperature of the preference term (paper: 0.1): higher = sharper, less tolerant margins
-    cpo_alpha: float = 1.0  # weight of the chosen NLL term (paper: 1): 0 drops the behaviour-cloning regulariser
+    # weight of the chosen NLL term (paper: 1): 0 drops the behaviour-cloning regulariser; alphapo sets 0 (TRL)
+    cpo_alpha: float = 1.0
     label_smoothing: float = 0.0  # sigmoid/simpo only: assumed share of flipped labels (conservative DPO)
     simpo_gamma: float = 0.5  # simpo: target reward margin (TRL: 0.5), applied as gamma/beta
     alpha: float = 0.0  # AlphaPO reward shape r = (1 - p^-alpha)/alpha; 0 = the plain log-prob reward
@@ -182,6 +186,20 @@ class TrainConfig(_Strict):
     seed: int = 0  # model init (embedded), shuffling and length grouping
     storage_path: str | None = None  # Ray Train checkpoints (local dir or s3://...); None = <output_dir>/ray
 
+    @model_validator(mode="before")
+    @classmethod
+    def _alphapo_without_nll(cls, data):
+        """TRL's CPOConfig turns "alphapo" into simpo with cpo_alpha = 0; resolved here, so the saved config is
+        what ran. An explicit non-zero cpo_alpha with alphapo is a contradiction, not something to overrule."""
+        if isinstance(data, dict) and data.get("loss_type") == LossType.ALPHAPO:
+            if data.get("cpo_alpha", 0.0) != 0:
+                raise ValueError(
+                    "train.loss_type=alphapo trains without the NLL term (cpo_alpha 0, as TRL's CPOConfig): drop "
+                    f"train.cpo_alpha={data['cpo_alpha']}, or use loss_type=simpo with train.alpha to keep it"
+                )
+            data = {**data, "cpo_alpha": 0.0}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.loss_type in ("ipo", "hinge") and self.label_smoothing:
@@ -207,7 +225,7 @@ class ServeConfig(_Strict):
     port: int = 8000
     api_key: str | None = None  # or env CPO_RAY_API_KEY; clients then need `Authorization: Bearer <key>`
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when this process sees CUDA
-    dtype: str = "auto"  # auto: float32 on CPU (bf16 is ~10x slower without AVX-512), bfloat16 on GPU
+    dtype: str = "auto"  # auto: float32 on CPU (bf16 is far slower without AVX-512 BF16), bfloat16 on GPU
     max_model_len: int = 1024  # longest prompt + generation; more = more KV cache per sequence
     kv_cache_memory_bytes: int | None = 256 * 2**20  # CPU needs an explicit KV cache size; None = GPU sizing
     gpu_memory_utilization: float = 0.85  # per model when several share one GPU
@@ -218,7 +236,7 @@ class ServeConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """Held-out pairs scored through the endpoint (cpo_ray.evaluate)."""
+    """Held-out pairs scored through the endpoint (cpo_ray.eval)."""
 
     endpoint: str | None = None  # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
     models: list[str] = Field(default_factory=list)  # served ids; the first is the baseline

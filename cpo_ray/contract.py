@@ -16,10 +16,9 @@ from pathlib import Path
 
 # Tokenized splits: <data_dir>/<split>/part-*.parquet
 TRAIN, EVAL = "train", "eval"
-SPLITS = (TRAIN, EVAL)
 
 # One tokenized row per prompt (int32 lists): the prompt once, the chosen response, and K >= 1 rejected
-# responses as a list of lists (see cpo_ray.tokenize).
+# responses as a list of lists (see cpo_ray.data.tokenize).
 PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS = "prompt_ids", "chosen_ids", "rejected_ids"
 PAIR_COLUMNS = (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS)
 TRUNCATED, SOURCE = "truncated", "source"  # bool; "file:line" (or "file:rowN") of the raw record
@@ -56,6 +55,17 @@ class Reject(StrEnum):
     BAD_RECORD = "bad_record"  # catch-all for an unexpected exception: a bug to report, never expected
 
 
+class LossType(StrEnum):
+    """train.loss_type: TRL CPOTrainer's pairwise losses, then cpo-ray's multi-negative one."""
+
+    SIGMOID = "sigmoid"  # CPO Eq. 3 (+ label smoothing)
+    HINGE = "hinge"  # SLiC
+    IPO = "ipo"
+    SIMPO = "simpo"
+    ALPHAPO = "alphapo"  # TRL's alias: simpo with the AlphaPO reward shape and cpo_alpha = 0
+    INFONCE = "infonce"  # one softmax over the chosen and all K rejected responses (infonce_loss)
+
+
 # What the trainer logs every step (TRL CPOTrainer's names), in this order.
 METRIC_KEYS = (
     "loss",
@@ -77,6 +87,27 @@ PHASE_KEYS = (
     "time/optimizer_s",
     "time/metrics_sync_s",
 )
+
+
+class RowError(ValueError):
+    """A row that cannot be used; `reason` is a counted Reject, `field` the offending source field."""
+
+    def __init__(self, reason: Reject, message: str, field: str | None = None):
+        super().__init__(message)
+        self.reason = Reject(reason)  # an unknown reason is a bug: ValueError here, not a new silent category
+        self.field = field
+
+
+class DataError(RuntimeError):
+    """Input that cannot be read at all (missing file, truncated gzip, unreadable Parquet), or no data."""
+
+    user_error = True  # the message names the file/row: no traceback needed
+
+
+def has_rows(split_dir) -> bool:
+    """Whether a tokenized split folder holds any Parquet shard (prepare wrote it)."""
+    return any(Path(split_dir).glob("*.parquet"))
+
 
 API_KEY_ENV = "CPO_RAY_API_KEY"  # Bearer key of the served API, when serve.api_key is not set
 
@@ -158,16 +189,8 @@ class RunPaths:
         return self.eval_dir / EVAL_JSON
 
     @property
-    def eval_md(self) -> Path:
-        return self.eval_dir / EVAL_MD
-
-    @property
     def margins_png(self) -> Path:
         return self.eval_dir / MARGINS_PNG
-
-    @property
-    def samples_md(self) -> Path:
-        return self.eval_dir / SAMPLES_MD
 
     # pipeline and report
     @property

@@ -21,8 +21,8 @@ from cpo_ray.contract import EVAL, FINAL_MARKER, RunPaths, Stage
 
 
 def stage_prepare(cfg: Config) -> dict:
-    from cpo_ray.data import prepare
-    from cpo_ray.model import resolve_model_path
+    from cpo_ray.data.prepare import prepare
+    from cpo_ray.model_source import resolve_model_path
 
     report = prepare(cfg, resolve_model_path(cfg))
     for name, r in report["splits"].items():
@@ -35,8 +35,8 @@ def stage_prepare(cfg: Config) -> dict:
 
 
 def stage_train(cfg: Config) -> None:
-    from cpo_ray.model import resolve_model_path
-    from cpo_ray.train import run_training
+    from cpo_ray.model_source import resolve_model_path
+    from cpo_ray.train.trainer import run_training
 
     t0 = time.time()
     run_training(cfg, resolve_model_path(cfg))
@@ -50,8 +50,8 @@ def stage_train(cfg: Config) -> None:
 
 def stage_eval(cfg: Config, endpoint: str, model_ids: list[str], tokenizer_path: str | None = None) -> dict:
     """Score the held-out split (or cfg.eval.pairs) through the endpoint with every model id."""
-    from cpo_ray.evaluate import evaluate_models, load_tokenized_pairs
-    from cpo_ray.serve import resolve_api_key
+    from cpo_ray.eval.scorer import evaluate_models, load_tokenized_pairs
+    from cpo_ray.serve.app import resolve_api_key
 
     paths = RunPaths.of(cfg)
     pairs = load_tokenized_pairs(cfg.eval.pairs or paths.split_dir(EVAL), cfg.eval.max_pairs)
@@ -74,7 +74,7 @@ def serve_and_eval(cfg: Config, timings: dict) -> dict:
     """Serve base and tuned side by side, score held-out pairs through the endpoint, shut serving down."""
     from ray import serve
 
-    from cpo_ray.serve import served_models, start_server
+    from cpo_ray.serve.app import served_models, start_server
 
     models = served_models(cfg)
     t0 = time.time()
@@ -92,8 +92,8 @@ def serve_and_eval(cfg: Config, timings: dict) -> dict:
 
 
 def run_pipeline(cfg: Config, force: set[str] = frozenset(), skip: set[str] = frozenset()) -> dict:
+    from cpo_ray.eval.render import markdown_table
     from cpo_ray.report import write_report
-    from cpo_ray.report_eval import markdown_table
 
     paths = RunPaths.of(cfg)
     paths.output_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from cpo_ray.contract import RunPaths
-from cpo_ray.report_eval import ci_text, mcnemar_text
+from cpo_ray.eval.render import ci_text, mcnemar_text
 
 CURVES = [
     ("loss", "loss (CPO + cpo_alpha * NLL)"),
@@ -224,9 +224,9 @@ def write_report(cfg) -> Path:
 
     paths = RunPaths.of(cfg)
     timings = json.loads(paths.timings.read_text()) if paths.timings.exists() else {}
-    t, m = cfg.train, cfg.model
-    adapter = f"LoRA r{m.lora.r}" if m.lora.enabled else "full fine-tune"
-    sub = f"{html.escape(m.name_or_path)} · {adapter} · loss {t.loss_type}, β {t.beta}, cpo_alpha {t.cpo_alpha} · {t.num_workers} worker(s), ZeRO-{t.zero_stage}"
+    tc, model_cfg = cfg.train, cfg.model
+    adapter = f"LoRA r{model_cfg.lora.r}" if model_cfg.lora.enabled else "full fine-tune"
+    sub = f"{html.escape(model_cfg.name_or_path)} · {adapter} · loss {tc.loss_type}, β {tc.beta}, cpo_alpha {tc.cpo_alpha} · {tc.num_workers} worker(s), ZeRO-{tc.zero_stage}"
     parts = [
         "<!doctype html><html lang=en><meta charset='utf-8'>",
         f"<title>cpo-ray report: {html.escape(cfg.name)}</title><style>{STYLE}</style>",

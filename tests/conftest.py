@@ -1,4 +1,9 @@
-"""Shared fixtures. Tests never download: the model is the embedded tiny Llama built from a config."""
+"""Shared fixtures. Tests never download: the model is the embedded tiny Llama built from a config.
+
+tests/unit/ mirrors the package (fast, no Ray cluster); tests/integration/ starts Ray clusters, DeepSpeed
+workers, vLLM or Serve and is marked `integration` here, by folder: a plain `pytest` runs the unit suite,
+scripts/test.sh both.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,13 @@ ASSETS = Path(__file__).parent / "assets"
 HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+INTEGRATION = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,216 @@
+"""Raw preference files -> batches of (source, raw JSON text): what the Ray Data read stage yields.
+
+    files = expand_files(["data/*.jsonl.gz", "s3://bucket/prefs/"])   # sorted URIs; a spec matching nothing fails
+    for batch in read_file({"path": [files[0]]}):                    # {"source": ["file:line", ...], "raw": [...]}
+
+JSONL, JSONL.gz, JSON arrays (.json/.json.gz holding [ {...}, ... ], streamed in 1 MiB chunks, records numbered
+`file:recordN`) and Parquet (`file:rowN`), over any fsspec filesystem. A record that cannot be decoded stays in
+the batch as None (counted later as bad_encoding); only a file that cannot be read at all raises DataError.
+Pure I/O: no Ray, no tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+
+from cpo_ray.contract import DataError
+
+READ_BATCH = 1024  # records per yielded batch (and per tokenize call)
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+
+
+def expand_files(specs: list[str]) -> list[str]:
+    """Paths, globs, folders and URIs -> sorted file URIs; a spec matching nothing is an error."""
+    files: list[str] = []
+    for spec in specs:
+        fs, path = fsspec.core.url_to_fs(spec)
+        if any(c in path for c in "*?["):
+            found = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if p.endswith(SUFFIXES))
+        elif fs.exists(path):
+            found = [path]
+        else:
+            raise DataError(f"data file not found: {spec}")
+        if not found:
+            raise DataError(f"no data files match {spec!r} (expected {', '.join(SUFFIXES)})")
+        files += [fs.unstrip_protocol(p) if "://" in spec else str(Path(p).resolve()) for p in found]
+    return files
+
+
+def _lines(path: str):
+    """(line_no, raw bytes) for a JSONL / JSONL.gz file (compression from the suffix)."""
+    with fsspec.open(path, "rb", compression="infer") as stream:
+        line_no = 0
+        try:
+            for line_no, line in enumerate(stream, 1):
+                yield line_no, line
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(f"{path}: unreadable after line {line_no} ({type(e).__name__}: {e})") from None
+
+
+def _is_json_array(path: str) -> bool:
+    """A .json/.json.gz file whose first non-blank byte is "[" holds one JSON array of records (as
+    LLaMA-Factory and many dataset repositories ship them); anything else is read as JSONL."""
+    if not path.endswith((".json", ".json.gz")):
+        return False
+    with fsspec.open(path, "rb", compression="infer") as stream:
+        head = stream.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1] == b"["
+
+
+class _ArrayReader:
+    """The elements of one JSON array as raw JSON text, streamed in 1 MiB chunks: the C JSON scanner finds
+    where each element ends, and the Tokenize stage parses it as it parses a JSONL line (so a record that
+    is valid JSON but not a usable pair is a counted reject). Bytes that are not UTF-8 survive as surrogate
+    escapes and are rejected per record (bad_encoding). Only a broken array (a syntax error between or
+    inside elements) stops the file, with a DataError naming the record."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, stream, path: str):
+        import codecs
+
+        self.stream, self.path = stream, path
+        self.decode = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape").decode
+        self.buf, self.pos, self.eof = "", 0, False
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        data = self.stream.read(self.CHUNK)
+        self.eof = not data
+        self.buf = self.buf[self.pos :] + self.decode(data, final=self.eof)
+        self.pos = 0
+        return True
+
+    def _peek(self) -> str:
+        """The next non-blank character ("" at the end of the file)."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n\ufeff":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self._more():
+                return self.buf[self.pos : self.pos + 1]
+
+    def _fail(self, n: int, what: str):
+        raise DataError(f"{self.path}: not a valid JSON array after record {n} ({what})")
+
+    def __iter__(self):
+        scan = json.JSONDecoder().raw_decode
+        if self._peek() != "[":
+            self._fail(0, "no opening [")
+        self.pos += 1
+        n = 0
+        while True:
+            c = self._peek()
+            if c == "]":
+                self.pos += 1
+                if self._peek():
+                    self._fail(n, "text after the closing ]")
+                return
+            if n:
+                if c != ",":
+                    self._fail(n, "expected , or ]" if c else "the file ends inside the array")
+                self.pos += 1
+                self._peek()
+            while True:
+                try:
+                    _, end = scan(self.buf, self.pos)
+                    if end < len(self.buf) or self.eof:  # a number at the buffer's end may continue
+                        break
+                except ValueError as e:  # JSONDecodeError, or an int over Python's digit limit
+                    if self.eof:
+                        self._fail(n, str(e))
+                if not self._more():
+                    self._fail(n, "the file ends inside a record")
+            n += 1
+            yield n, self.buf[self.pos : end]
+            self.pos = end
+
+
+def _array_records(path: str):
+    """(record number, JSON text) of each element of a JSON array file; never loaded whole."""
+    try:
+        with fsspec.open(path, "rb", compression="infer") as stream:
+            yield from _ArrayReader(stream, path)
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _json_default(value):
+    """Parquet values JSON has no type for: UTF-8 bytes are text (UnicodeDecodeError -> bad_encoding);
+    anything else (timestamp, decimal, ...) stays a non-string so normalize counts it, never its str()."""
+    if isinstance(value, bytes | bytearray):
+        return value.decode("utf-8")
+    return {"$type": type(value).__name__, "value": str(value)}
+
+
+def _parquet_records(rb) -> list:
+    """Rows of one record batch; a row whose strings are not UTF-8 is None (counted as bad_encoding)."""
+    try:
+        return rb.to_pylist()
+    except UnicodeDecodeError:
+        out = []
+        for i in range(rb.num_rows):
+            try:
+                out.append(rb.slice(i, 1).to_pylist()[0])
+            except UnicodeDecodeError:
+                out.append(None)
+        return out
+
+
+def read_file(batch: dict) -> dict:
+    """Ray Data generator UDF: one file path in, batches of {source, raw} out (raw = one JSON text)."""
+    (path,) = batch["path"]
+    sources, raws = [], []
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            with fsspec.open(path, "rb") as f:
+                row = 0
+                for rb in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH):
+                    for rec in _parquet_records(rb):
+                        row += 1
+                        sources.append(f"{path}:row{row}")
+                        try:
+                            raws.append(None if rec is None else json.dumps(rec, default=_json_default))
+                        except UnicodeDecodeError:
+                            raws.append(None)  # a binary cell that is not UTF-8: bad_encoding
+                    yield {"source": sources, "raw": raws}
+                    sources, raws = [], []
+        except (OSError, ValueError, pa.ArrowException) as e:  # ValueError: e.g. undecodable schema names
+            raise DataError(f"{path}: unreadable Parquet ({e})") from None
+        return
+    if _is_json_array(path):
+        for n, text in _array_records(path):
+            sources.append(f"{path}:record{n}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that were not UTF-8 (surrogate escapes): bad_encoding
+                text = None
+            raws.append(text)
+            if len(raws) >= READ_BATCH:
+                yield {"source": sources, "raw": raws}
+                sources, raws = [], []
+        if raws:
+            yield {"source": sources, "raw": raws}
+        return
+    for line_no, line in _lines(path):
+        if not line.strip():
+            continue  # blank lines are not records (a trailing newline, spacing)
+        sources.append(f"{path}:{line_no}")
+        try:
+            raws.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raws.append(None)  # counted as bad_encoding by the tokenizer stage
+        if len(raws) >= READ_BATCH:
+            yield {"source": sources, "raw": raws}
+            sources, raws = [], []
+    if raws:
+        yield {"source": sources, "raw": raws}
