@@ -1,4 +1,4 @@
-"""`cpo-ray COMMAND`: prepare | train | serve | eval | pipeline, each with --config, its own options and
+"""`cpo-ray COMMAND`: prepare | train | serve | eval | pipeline | iterate | sweep, each with --config, its own options and
 dotted overrides (anywhere on the line). `cpo-ray COMMAND --help` lists a command's options.
 
     cpo-ray pipeline --config configs/tiny-cpu.yaml          # everything, on the embedded default
@@ -6,6 +6,7 @@ dotted overrides (anywhere on the line). `cpo-ray COMMAND --help` lists a comman
     cpo-ray train    --config configs/tiny-cpu.yaml train.max_steps=100
     cpo-ray serve    --config configs/tiny-cpu.yaml [--detach] [--model id=/path ...] | --stop
     cpo-ray eval     --endpoint http://127.0.0.1:8000/v1 --model base --model tuned --pairs runs/tiny-cpu/data/eval
+    cpo-ray iterate  --config configs/smollm2-135m-numbers-online-cpu.yaml
 
 jobs/*.py run the same commands through `job()`: the same parser, overrides, error messages and exit codes
 (0 ok, 1 bad input or a failed run, 2 bad command line or config).
@@ -94,6 +95,36 @@ def cmd_eval(cfg, args) -> None:
     console.say(markdown_table(result))
 
 
+def cmd_iterate(cfg, args) -> None:
+    from cpo_ray.iterate import run_iterate
+
+    init_ray()
+    state = run_iterate(cfg)
+    for x in state["rounds"]:
+        e = x.get("eval") or {}
+        em = "-" if e.get("exact_match") is None else f"{e['exact_match']:.1%}"
+        acc = "-" if e.get("accuracy") is None else f"{e['accuracy']:.1%}"
+        console.say(f"round {x['round']}: greedy exact match {em}, held-out accuracy {acc}")
+    from cpo_ray.contract import RunPaths
+
+    console.say(f"report: {RunPaths.of(cfg).report_html}")
+
+
+def cmd_sweep(cfg, args) -> None:
+    from cpo_ray.sweep import run_sweep, trials_table, write_sweep_report
+
+    init_ray()
+    out = run_sweep(cfg)
+    if cfg.sweep.evaluate_best and out["best"]:
+        from cpo_ray.pipeline import serve_and_eval
+
+        with console.stage(Stage.EVAL):
+            serve_and_eval(cfg, {})
+    report = write_sweep_report(cfg, out)
+    console.say(trials_table(out))
+    console.say(f"report: {report}")
+
+
 def cmd_pipeline(cfg, args) -> None:
     from cpo_ray.pipeline import run_pipeline
 
@@ -107,6 +138,8 @@ COMMANDS = {
     "serve": (cmd_serve, "base and tuned behind an OpenAI-compatible API (Ray Serve + vLLM)"),
     Stage.EVAL: (cmd_eval, "score held-out pairs through an endpoint"),
     "pipeline": (cmd_pipeline, "prepare -> train -> serve + eval -> report; finished stages are skipped"),
+    "iterate": (cmd_iterate, "online CPO: rounds of sample -> score -> train from the model's own answers"),
+    "sweep": (cmd_sweep, "a Ray Tune hyperparameter search, trials stopped early on a held-out metric"),
 }
 
 
@@ -186,7 +219,7 @@ def job(command: str, argv: list[str] | None = None):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from cpo_ray.contract import RunPaths
 
-        console.start(RunPaths.of(cfg).output_dir / "logs", verbose=args.verbose)
+        console.start(RunPaths.of(cfg).logs, verbose=args.verbose)  # on the driver: its own disk
         yield cfg, args
 
 

@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cpo_ray.contract import LossType
 
 EMBEDDED_MODEL = "embedded:tiny"
+# The held-out metrics the trainer logs at each evaluation (cpo_ray.train.heldout): what select_by may name.
+SELECTABLE = frozenset(
+    {"eval/accuracy", "eval/margin", "eval/pair_accuracy", "eval/accuracy_length_normalised", "eval/nll"}
+)
 
 
 class ConfigError(ValueError):
@@ -67,8 +71,7 @@ class DataConfig(_Strict):
     # prompts lose their start first (down to half the budget), then responses their ends.
     max_length: int = 1024
     max_reject_fraction: float = 0.01  # fail the run when more rows than this are rejected (never silently)
-    output_dir: str | None = None  # tokenized Parquet; None = <output_dir>/data
-    rows_per_file: int = 50_000  # Parquet rows per written shard: more = fewer files, larger reads
+    output_dir: str | None = None  # tokenized Parquet (a folder or storage URI); None = <output_dir>/data
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -87,7 +90,7 @@ class TinyModelConfig(_Strict):
     num_hidden_layers: int = 4  # deeper = more capacity, slower steps
     num_attention_heads: int = 4  # head dim = hidden_size / heads
     intermediate_size: int = 384  # MLP width
-    max_position_embeddings: int = 512  # must cover data.max_length and serve.max_model_len
+    max_position_embeddings: int = 2048  # must cover data.max_length + eval.max_new_tokens (no weights: RoPE)
     seed: int = 0  # same seed, same weights
 
 
@@ -164,6 +167,9 @@ class TrainConfig(_Strict):
     # With packing (and cpo-ray's attention): each prompt computed once for both of its responses, which
     # attend to it (len(prompt) fewer tokens per pair); off = one packed sequence per prompt + response.
     shared_prompt: bool = True
+    # Seeded shuffle of the stream (a local buffer per rank, TRL shuffles too); false = file order, for
+    # curricula and for exact comparisons with other trainers (then group_by_length must be 0). Both resume exactly.
+    shuffle: bool = True
     # Micro-batches per length-sorted buffer: pairs of similar length train together (less padding,
     # fewer packed row tails); larger = tighter lengths but batches less random. 0 or 1 = stream order.
     group_by_length: int = 16
@@ -185,6 +191,17 @@ class TrainConfig(_Strict):
     report_every: int = 10
     seed: int = 0  # model init (embedded), shuffling and length grouping
     storage_path: str | None = None  # Ray Train checkpoints (local dir or s3://...); None = <output_dir>/ray
+    # Experiment trackers that get the config, every step's metrics, the held-out scores, the endpoint's table and
+    # report.html / eval.json (cpo_ray.tracking); a resumed run continues the same tracked run. [] = none
+    report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(default_factory=list)
+    mlflow_tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else SQLite in local_dir/mlflow.db
+    mlflow_experiment: str = "cpo-ray"
+    wandb_project: str = "cpo-ray"  # WANDB_MODE=offline keeps it on disk (no account, no network)
+    # Export the best held-out evaluation instead of the last step: a logged held-out metric (eval/accuracy,
+    # eval/nll, eval/margin, eval/pair_accuracy, eval/accuracy_length_normalised; "heldout/..." works too).
+    # Costs an export each time the metric improves. None = the last step
+    select_by: str | None = None
+    select_mode: Literal["max", "min"] | None = None  # None = min for eval/nll, max for the others
 
     @model_validator(mode="before")
     @classmethod
@@ -214,6 +231,18 @@ class TrainConfig(_Strict):
             raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("train.warmup_ratio must be in [0, 1)")
+        if self.select_by is not None:
+            key = self.select_by.replace("heldout/", "eval/", 1)
+            if key not in SELECTABLE:
+                raise ValueError(f"train.select_by={self.select_by!r}: one of {sorted(SELECTABLE)}")
+            self.__dict__["select_by"] = key  # resolved here (validate_assignment would re-enter this check)
+            if self.select_mode is None:
+                self.__dict__["select_mode"] = "min" if key == "eval/nll" else "max"
+        if not self.shuffle and self.group_by_length > 1:
+            raise ValueError(
+                f"train.shuffle=false streams pairs in file order, but train.group_by_length={self.group_by_length} "
+                "reorders them by length: set train.group_by_length=0"
+            )
         return self
 
 
@@ -226,17 +255,61 @@ class ServeConfig(_Strict):
     api_key: str | None = None  # or env CPO_RAY_API_KEY; clients then need `Authorization: Bearer <key>`
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when this process sees CUDA
     dtype: str = "auto"  # auto: float32 on CPU (bf16 is far slower without AVX-512 BF16), bfloat16 on GPU
-    max_model_len: int = 1024  # longest prompt + generation; more = more KV cache per sequence
+    # Longest sequence an engine holds: a scored pair (up to data.max_length, plus the one token vLLM must
+    # generate) or a prompt plus eval.max_new_tokens. None = derived from those; more = more KV cache per sequence
+    max_model_len: int | None = None
     kv_cache_memory_bytes: int | None = 256 * 2**20  # CPU needs an explicit KV cache size; None = GPU sizing
     gpu_memory_utilization: float = 0.85  # per model when several share one GPU
     enforce_eager: bool = True  # CPU: no graph capture; GPU: False for CUDA graphs (faster, slower start)
     tensor_parallel_size: int = 1  # GPUs per model
     max_num_seqs: int = 64  # sequences an engine batches per step: more = throughput, more KV cache
+    # CPU engines: the cores each served model's threads bind to, one entry per model in serving order (e.g.
+    # ["0-3", "4-7"]); None = an equal, disjoint share of the cores this process may use (its affinity). Set it
+    # on multi-node CPU clusters, where the engines' nodes may have other cores than the driver's.
+    cpu_cores: list[str] | None = None
     ready_timeout_s: float = 600.0  # give up (and delete the app) if the models are not up by then
+    # LoRA runs: serve the tuned adapter on the BASE model's engine (one engine for base and any number of
+    # adapters, vLLM's LoRA kernels; served id "base:<run name>") instead of a second engine for a merged copy.
+    # Ray Serve LLM loads adapters from object storage only (s3://, gs://): needs adapters_dir or output_dir there.
+    lora_adapters: bool = False
+    # Where adapters live, one folder per run name (a LoRA run publishes its adapter here too); evaluating N
+    # runs that share it needs one engine. None = <output_dir>/adapters
+    adapters_dir: str | None = None
+
+
+class GenerationConfig(_Strict):
+    """What each served model GENERATES for held-out prompts, scored against the chosen response
+    (cpo_ray.eval.generate): the log-prob ranking alone says nothing about the greedy answer."""
+
+    enabled: bool = True  # greedy generations scored with `metrics` for every served model
+    prompts: int | None = 200  # held-out prompts generated for (None = all): more = tighter intervals, slower
+    # Also this many samples per prompt at `temperature` (ONE request with n: the prompt's KV cache is shared):
+    # mean and best-of-n exact match next to greedy. 0 = greedy only
+    samples: int = 0
+    temperature: float = 0.7  # of the samples (greedy is temperature 0)
+    metrics: list[Literal["exact_match", "chrf", "bleu"]] = Field(
+        default_factory=lambda: ["exact_match", "chrf", "bleu"]
+    )  # reference-based, against the chosen response (sacrebleu's chrF and BLEU)
+    scorer: str | None = None  # also a user scorer: "module:function(prompt, response, reference) -> float"
+    prompts_per_request: int = 16  # prompts per completions call: fewer HTTP hops
+    seed: int = 0  # sampling seed (vLLM per-request seed): the same samples on a re-run
+
+
+class JudgeConfig(_Strict):
+    """A pairwise LLM judge through ANY OpenAI-compatible endpoint: each model vs the baseline on every generated
+    prompt, asked twice with the answers swapped so position bias cancels; ties allowed (cpo_ray.eval.judge)."""
+
+    base_url: str  # e.g. https://api.openai.com/v1, or a judge cpo-ray serves
+    model: str  # the judge's model id at that endpoint
+    api_key_env: str | None = None  # the environment variable holding its key (never the key itself); None = none
+    template: str | None = None  # prompt file with {prompt} {response_a} {response_b}; None = the shipped one
+    max_tokens: int = 8  # the verdict is one word: A, B or tie
+    concurrency: int = 8  # judge requests in flight
+    prompts: int | None = None  # judge only the first N generated prompts (None = all of them)
 
 
 class EvalConfig(_Strict):
-    """Held-out pairs scored through the endpoint (cpo_ray.eval)."""
+    """Held-out pairs scored through the endpoint, and generations scored (cpo_ray.eval)."""
 
     endpoint: str | None = None  # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
     models: list[str] = Field(default_factory=list)  # served ids; the first is the baseline
@@ -250,19 +323,78 @@ class EvalConfig(_Strict):
     max_new_tokens: int = 64  # per sample generation
     stop: list[str] = Field(default_factory=list)  # extra stop strings for samples (e.g. "\n\nHuman:" for raw HH text)
     output_dir: str | None = None  # None = <output_dir>/eval
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    judge: JudgeConfig | None = None  # set: a judge's pairwise win rate of each model over the baseline
+
+
+class IterateConfig(_Strict):
+    """`cpo-ray iterate`: online CPO, rounds of sampling from the current model and training on its own
+    mistakes as negatives (cpo_ray.iterate)."""
+
+    rounds: int = 3  # sample -> score -> train rounds; the final model is evaluated after the last
+    prompts_per_round: int = 1000  # training prompts per round (disjoint slices of the training files, in order)
+    samples: int = 4  # answers sampled per prompt (one request with n): more = more negatives, longer sampling
+    temperature: float = 1.0  # of the samples: higher = more varied mistakes, fewer right answers
+    # How a sample is scored against the reference: exact_match, chrf, or "module:function(prompt, response,
+    # reference) -> float" for verifiable tasks. The reference is always the best answer of its row.
+    scorer: str = "exact_match"
+    min_score_gap: float = 0.5  # samples scored at least this far below the reference become rejected responses
+    # Rejected responses kept per prompt (the lowest-scored first): 1 = pairs, the token cost of offline pairs;
+    # more = multi-negative rows (pairwise CPO averages over them; infonce takes all)
+    max_negatives: int = 1
+    steps_per_round: int | None = None  # training steps of each round; None = train.max_steps (or its epochs)
+    seed: int = 0  # sampling seed (per request)
+
+
+class SweepConfig(_Strict):
+    """`cpo-ray sweep`: Ray Tune trials over dotted config keys, stopped early by a scheduler (cpo_ray.sweep)."""
+
+    # dotted key -> a list (grid: every value) or "loguniform(a, b)" / "uniform(a, b)" / "randint(a, b)" /
+    # "choice([...])" (sampled `samples` times per grid point), e.g. {train.beta: [0.05, 0.1], train.lr: ...}
+    params: dict[str, Any] = Field(default_factory=dict)
+    samples: int = 1  # draws of the sampled keys per grid point (Tune's num_samples)
+    metric: str = "eval/accuracy"  # a held-out metric logged at each evaluation (eval/nll, eval/margin, ...)
+    mode: Literal["max", "min"] = "max"  # max for accuracies, min for eval/nll
+    scheduler: Literal["asha", "none"] = "asha"  # asha stops trials that fall behind; none runs all to the end
+    grace_period: int = 100  # steps a trial runs before it may be stopped: fewer = earlier (riskier) stops
+    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
+    max_concurrent_trials: int | None = None  # None = what the cluster's CPUs (GPUs) hold at once
+    evaluate_best: bool = False  # serve and evaluate the best trial against the base through the endpoint
 
 
 class Config(_Strict):
     name: str = "cpo"  # run name: Ray Train resumes a run of the same name
-    output_dir: str = "runs/cpo"  # data/, final/, adapter/, metrics.jsonl, eval/, report.html
+    # data/, final/, adapter/, metrics.jsonl, eval/, report.html: a local folder, or object storage (s3://,
+    # gs://, any fsspec URI) on a cluster whose nodes share no disk (credentials from the environment)
+    output_dir: str = "runs/cpo"
+    # On the driver's own disk: stage logs and copies of eval.json and report.html; None = output_dir when it is
+    # local, else runs/<name>
+    local_dir: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    iterate: IterateConfig = Field(default_factory=IterateConfig)
+    sweep: SweepConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        need = self.data.max_length + max(1, self.eval.max_new_tokens)
+        if self.serve.max_model_len is None:
+            self.serve.max_model_len = need  # resolved here: the saved config says what ran
+        elif self.serve.max_model_len < need:
+            raise ValueError(
+                f"serve.max_model_len={self.serve.max_model_len} is shorter than data.max_length="
+                f"{self.data.max_length} + eval.max_new_tokens={self.eval.max_new_tokens} (a full-length pair is "
+                f"data.max_length tokens and vLLM must generate at least one more): raise serve.max_model_len to "
+                f"{need}, or leave it unset to derive it"
+            )
+        if self.model.name_or_path == EMBEDDED_MODEL and self.model.tiny.max_position_embeddings < need:
+            raise ValueError(
+                f"model.tiny.max_position_embeddings={self.model.tiny.max_position_embeddings} < {need} "
+                "(data.max_length + eval.max_new_tokens): the embedded model could not hold its longest sequence"
+            )
         if self.model.dtype == "float16":
             # DeepSpeed 0.19.8: its CPU accelerator has no fp16, and its ZeRO-0 fp16 optimizer never applies
             # the loss scale to a client optimizer's backward (updates shrink by 2^16): refuse both.

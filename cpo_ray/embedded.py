@@ -16,6 +16,7 @@ from pathlib import Path
 from cpo_ray.config import TinyModelConfig
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+STAMP = "cpo_ray_embedded.json"  # the shape a folder was built with: the same shape is not rebuilt
 # Plain-text role markers: every byte is a token already, so no special tokens are needed.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
@@ -53,7 +54,7 @@ def build_embedded_model(out_dir: str | Path, tiny: TinyModelConfig | None = Non
 
     tiny = tiny or TinyModelConfig()
     out = Path(out_dir)
-    stamp = out / "cpo_ray_embedded.json"
+    stamp = out / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == tiny.model_dump():
         return out
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,8 @@ import time
 
 from cpo_ray import console
 from cpo_ray.config import Config
-from cpo_ray.contract import EVAL, FINAL_MARKER, RunPaths, Stage
+from cpo_ray.contract import EVAL, EVAL_JSON, FINAL_MARKER, RunPaths, Stage, has_rows
+from cpo_ray.storage import Location
 
 
 def stage_prepare(cfg: Config) -> dict:
@@ -43,7 +44,7 @@ def stage_train(cfg: Config) -> None:
     paths = RunPaths.of(cfg)
     last = next(
         (json.loads(ln) for ln in reversed(paths.metrics.read_text().splitlines()) if "eval/accuracy" in ln), {}
-    )
+    )  # from the run's storage: the run log persisted it there
     held = f"; held-out accuracy {last['eval/accuracy']:.3f}" if last else ""
     console.say(f"trained in {time.time() - t0:,.0f}s{held} -> {paths.final}")
 
@@ -71,24 +72,46 @@ def stage_eval(cfg: Config, endpoint: str, model_ids: list[str], tokenizer_path:
 
 
 def serve_and_eval(cfg: Config, timings: dict) -> dict:
-    """Serve base and tuned side by side, score held-out pairs through the endpoint, shut serving down."""
+    """Serve base and tuned side by side (tuned as a merged model on its own engine, or with
+    serve.lora_adapters as an adapter on the base's engine), score held-out pairs through the endpoint, shut
+    serving down."""
     from ray import serve
 
-    from cpo_ray.serve.app import served_models, start_server
+    from cpo_ray.serve.app import adapters_dir, served_adapters, served_models, start_server
 
-    models = served_models(cfg)
+    models, adapters = served_models(cfg), served_adapters(cfg)
+    lora = {"adapters": adapters_dir(cfg).uri, "rank": cfg.model.lora.r} if adapters else None
     t0 = time.time()
-    console.live(f"starting vLLM engines for {', '.join(models)} ...")
-    url = start_server(cfg.serve, models, detached=False)
+    ids = [*models, *adapters]
+    console.live(f"starting vLLM engines for {', '.join(models)} ..." + (" (+ LoRA adapters)" if adapters else ""))
+    url = start_server(cfg.serve, models, detached=False, lora=lora, adapters=tuple(adapters))
     timings["serve_start"] = round(time.time() - t0, 1)
-    console.say(f"serving {', '.join(models)} at {url} (ready in {timings['serve_start']:.0f}s)")
+    console.say(f"serving {', '.join(ids)} at {url} (ready in {timings['serve_start']:.0f}s)")
     try:
         t1 = time.time()
-        result = stage_eval(cfg, url, list(models), tokenizer_path=models.get("base"))
+        result = stage_eval(cfg, url, ids, tokenizer_path=models.get("base"))
         timings["eval_scoring"] = round(time.time() - t1, 1)
     finally:
         serve.shutdown()
     return result
+
+
+def track_results(cfg: Config, paths: RunPaths) -> None:
+    """The endpoint's table and the run's files into the same tracked runs the training fed (train.report_to)."""
+    from cpo_ray.tracking import Trackers
+
+    trackers = Trackers.open(cfg)
+    if trackers is None:
+        return
+    if paths.eval_json.is_file():
+        res = json.loads(paths.eval_json.read_text())
+        values = {f"endpoint/{m}/{k}": v for m, row in res["models"].items() for k, v in row.items()}
+        for m, gen in (res.get("generation") or {}).get("models", {}).items():
+            values |= {f"endpoint/{m}/generation/{k}": v for k, v in gen["greedy"].items()}
+        trackers.summary(values)
+        trackers.artifact(paths.eval_json)
+    trackers.artifact(paths.report_html)
+    trackers.close()
 
 
 def run_pipeline(cfg: Config, force: set[str] = frozenset(), skip: set[str] = frozenset()) -> dict:
@@ -96,8 +119,8 @@ def run_pipeline(cfg: Config, force: set[str] = frozenset(), skip: set[str] = fr
     from cpo_ray.report import write_report
 
     paths = RunPaths.of(cfg)
-    paths.output_dir.mkdir(parents=True, exist_ok=True)
-    timings = json.loads(paths.timings.read_text()) if paths.timings.exists() else {}
+    paths.output_dir.mkdir()
+    timings = json.loads(paths.timings.read_text()) if paths.timings.is_file() else {}
 
     def timed(name: str, done: bool, fn):
         if name in skip:
@@ -114,10 +137,18 @@ def run_pipeline(cfg: Config, force: set[str] = frozenset(), skip: set[str] = fr
         return result
 
     final_cfg = paths.final / FINAL_MARKER
-    timed(Stage.PREPARE, paths.prepare_report.exists(), lambda: stage_prepare(cfg))
-    timed(Stage.TRAIN, final_cfg.exists(), lambda: stage_train(cfg))
+    timed(Stage.PREPARE, paths.prepare_report.is_file(), lambda: stage_prepare(cfg))
+    # train_summary.json is written when training ENDS (with train.select_by, final/ appears at the first
+    # evaluation already): a run killed mid-training resumes instead of being taken as done
+    trained = final_cfg.is_file() and paths.train_summary.is_file()
+    timed(Stage.TRAIN, trained, lambda: stage_train(cfg))
     eval_json = paths.eval_json
-    fresh = eval_json.exists() and final_cfg.exists() and eval_json.stat().st_mtime > final_cfg.stat().st_mtime
+    fresh = eval_json.is_file() and final_cfg.is_file() and eval_json.mtime() > final_cfg.mtime()
+    if not (fresh or Stage.EVAL in skip) and not has_rows(cfg.eval.pairs or paths.split_dir(EVAL)):
+        # Found before any engine starts: nothing to score (eval_split 0 and no eval_files, or all rejected).
+        console.say(f"── eval: skipped (no held-out pairs in {cfg.eval.pairs or paths.split_dir(EVAL)}: set "
+                    "data.eval_files or data.eval_split, or eval.pairs)")  # fmt: skip
+        skip = {*skip, Stage.EVAL}
     timed(Stage.EVAL, fresh, lambda: serve_and_eval(cfg, timings))
     report = None
     if Stage.REPORT in skip:  # a stage like the others: --skip report must mean it
@@ -125,7 +156,12 @@ def run_pipeline(cfg: Config, force: set[str] = frozenset(), skip: set[str] = fr
     else:
         with console.stage(Stage.REPORT):
             report = write_report(cfg)
-    if eval_json.exists():  # the last lines: the result, then where the whole story is
+    track_results(cfg, paths)
+    if not paths.output_dir.is_local:  # copies on the driver's own disk for the person at it
+        if eval_json.is_file():
+            Location(paths.local_dir / EVAL_JSON).write_text(eval_json.read_text())
+        console.say(f"local copies of eval.json and report.html: {paths.local_dir}")
+    if eval_json.is_file():  # the last lines: the result, then where the whole story is
         console.say()
         console.say(markdown_table(json.loads(eval_json.read_text())))
     if report:

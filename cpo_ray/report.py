@@ -1,6 +1,6 @@
 """The run report: one self-contained HTML file (images inlined) that a person reads top to bottom.
 
-    write_report(cfg) -> <output_dir>/report.html (+ <output_dir>/report/*.png)
+    write_report(cfg) -> <output_dir>/report.html (also copied to local_dir when output_dir is in storage)
 
 Sections: the result through the endpoint (base vs tuned, the paired test, the margins histogram), sample
 generations side by side, training (curves, resumes), data (per split: rows read/kept/rejected by reason with
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
-from pathlib import Path
 
 from cpo_ray.contract import RunPaths
-from cpo_ray.eval.render import ci_text, mcnemar_text
+from cpo_ray.eval.render import ci_text, diff_text, judge_text, mcnemar_text
+from cpo_ray.storage import Location
 
 CURVES = [
     ("loss", "loss (CPO + cpo_alpha * NLL)"),
@@ -38,13 +39,14 @@ img{max-width:100%} .note{color:#555;font-size:.93em}
 """
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
+def read_jsonl(path) -> list[dict]:
+    loc = Location(path)
+    if not loc.is_file():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in loc.read_text().splitlines() if ln.strip()]
 
 
-def plot_curves(rows: list[dict], out: Path, switch: int = 0) -> Path | None:
+def plot_curves(rows: list[dict], switch: int = 0) -> bytes | None:
     """The training curves; a dashed line at `switch` (train.sft_steps) marks where SFT hands over to CPO."""
     import matplotlib
 
@@ -72,16 +74,16 @@ def plot_curves(rows: list[dict], out: Path, switch: int = 0) -> Path | None:
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
-    return out
+    return png.getvalue()
 
 
-def _img(path: Path | None, alt: str) -> str:
-    if not path or not path.exists():
+def _img(png: bytes | None, alt: str) -> str:
+    if not png:
         return ""
-    data = base64.b64encode(path.read_bytes()).decode()
+    data = base64.b64encode(png).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
@@ -103,7 +105,7 @@ def _num(x, fmt: str = "{:,.3f}") -> str:
 
 
 def _eval_section(paths: RunPaths) -> list[str]:
-    if not paths.eval_json.exists():
+    if not paths.eval_json.is_file():
         return ["<h2>Held-out pairs through the endpoint</h2><p>(not evaluated yet)</p>"]
     res = json.loads(paths.eval_json.read_text())
     models, comps = list(res["models"]), res.get("comparisons", {})
@@ -135,12 +137,73 @@ def _eval_section(paths: RunPaths) -> list[str]:
         "<h2>Held-out pairs through the endpoint</h2>",
         note,
         _table(["", *models], rows, set(range(1, len(models) + 1))),
-        _img(paths.margins_png, "margins histogram"),
+        _img(paths.margins_png.read_bytes() if paths.margins_png.is_file() else None, "margins histogram"),
+        *_generation_section(paths, res, models),
         *_samples(res, models),
     ]
 
 
+GENERATION_METRICS = [
+    ("exact match", "exact_match", _pct),
+    ("chrF", "chrf", lambda x: _num(x, "{:.1f}")),
+    ("BLEU", "bleu", lambda x: _num(x, "{:.1f}")),
+    ("user score", "user", _num),
+]
+EXAMPLES = 8  # prompts shown side by side with their verdicts
+
+
+def _generation_section(paths: RunPaths, res: dict, models: list[str]) -> list[str]:
+    """Greedy answers scored against the chosen responses, the paired comparisons, the judge, and examples."""
+    gen = res.get("generation")
+    if not gen:
+        return []
+    per = {m: gen["models"][m] for m in models}
+    rows = [[f"greedy {label}", *(fn(per[m]["greedy"].get(key)) for m in models)]
+            for label, key, fn in GENERATION_METRICS if key in per[models[0]]["greedy"]]  # fmt: skip
+    if "samples" in per[models[0]]:
+        s = per[models[0]]["samples"]
+        rows.append([f"{s['n']} samples at T={s['temperature']}: exact match", *(_pct(per[m]["samples"]["exact_match"]) for m in models)])  # fmt: skip
+        rows.append([f"best of {s['n']}: exact match", *(_pct(per[m]["samples"]["best_of_n_exact_match"]) for m in models)])  # fmt: skip
+    rows.append(["generated tokens/s", *(_num(per[m]["generated_tokens_per_s"], "{:,.0f}") for m in models)])
+    comps = gen.get("comparisons") or {}
+    if comps:
+        rows.append(["exact match vs baseline (bootstrap 95% CI)", "-", *(diff_text(comps[m]["exact_match"], True) + " pts" for m in models[1:])])  # fmt: skip
+        rows.append(["McNemar exact p (prompts won / lost)", "-", *(f"{comps[m]['exact_match']['mcnemar_p']:.2g} ({comps[m]['exact_match']['only_model']} / {comps[m]['exact_match']['only_baseline']})" for m in models[1:])])  # fmt: skip
+        rows.append(["chrF vs baseline (bootstrap 95% CI)", "-", *(diff_text(comps[m]["chrf"], False) for m in models[1:])])  # fmt: skip
+    judge = gen.get("judge") or {}
+    if judge:
+        rows.append([f"judge win rate vs baseline ({html.escape(next(iter(judge.values()))['judge'])}; wins/ties/losses, sign test)", "-", *(judge_text(judge[m]) for m in models[1:])])  # fmt: skip
+    note = (f"<p class=note>{gen['n_prompts']:,} held-out prompts; each model's greedy answer (stopping at its end of "
+            "turn) against the chosen response; exact match after normalising case, spaces and final punctuation; "
+            "chrF and BLEU are sacrebleu's. The judge sees each pair twice with the answers swapped.</p>")  # fmt: skip
+    return ["<h2>Generations on held-out prompts</h2>", note,
+            _table(["", *models], rows, set(range(1, len(models) + 1))), *_examples(paths, models, judge)]  # fmt: skip
+
+
+def _examples(paths: RunPaths, models: list[str], judge: dict) -> list[str]:
+    from cpo_ray.contract import generations_file
+
+    per = {m: read_jsonl(paths.eval_dir / generations_file(m))[:EXAMPLES] for m in models}
+    if not per[models[0]]:
+        return []
+    pre = lambda s: f"<pre>{html.escape(s)}</pre>"  # noqa: E731
+    mark = lambda r: "✓ " if r["exact_match"] else "✗ "  # noqa: E731
+    verdict = {1.0: "model wins", 0.5: "tie", 0.0: "baseline wins"}
+    rows = []
+    for i, first in enumerate(per[models[0]]):
+        cells = [pre(first["prompt"][-300:]), pre(first["reference"])]
+        cells += [mark(per[m][i]) + pre(per[m][i]["response"]) for m in models]
+        if judge:
+            cells.append("<br>".join(f"{m}: {verdict[judge[m]['verdicts'][i]['outcome']]}" for m in models[1:]
+                                     if i < len(judge[m]["verdicts"])))  # fmt: skip
+        rows.append(cells)
+    head = ["prompt (end)", "reference (chosen)", *models, *(["judge"] if judge else [])]
+    return [f"<h3>Examples (first {len(rows)})</h3>", _table(head, rows)]
+
+
 def _samples(res: dict, models: list[str]) -> list[str]:
+    if res.get("generation"):  # the scored generations' examples already show them
+        return []
     samples = res.get("samples") or []
     if not samples:
         return []
@@ -163,7 +226,12 @@ def _train_section(paths: RunPaths, sft_steps: int = 0) -> list[str]:
         secs = steps[-1]["elapsed_s"]
         line += f"; {secs:,.0f} s of training, {sum(r.get('tokens', 0) for r in steps) / max(secs, 1e-9):,.0f} tokens/s"
     out.append(f"<p>{line}.</p>")
-    out.append(_img(plot_curves(rows, paths.report_assets / "training_curves.png", sft_steps), "training curves"))
+    out.append(_img(plot_curves(rows, sft_steps), "training curves"))
+    selected = [e for e in read_jsonl(paths.events) if e.get("event") == "selected"]
+    if selected:
+        e = selected[-1]
+        out.append(f"<p><b>final/ is the model of step {e['step']}</b>, picked by train.select_by: {html.escape(e['metric'])} "
+                   f"= {e['value']:.4f}, the {e['mode']} over the run's held-out evaluations (not the last step's).</p>")  # fmt: skip
     resumes = [e for e in read_jsonl(paths.events) if e.get("event") == "resume"]
     if resumes:
 
@@ -176,7 +244,7 @@ def _train_section(paths: RunPaths, sft_steps: int = 0) -> list[str]:
 
 
 def _data_section(paths: RunPaths) -> list[str]:
-    if not paths.prepare_report.exists():
+    if not paths.prepare_report.is_file():
         return []
     prep = json.loads(paths.prepare_report.read_text())
     out = [
@@ -219,11 +287,12 @@ def _data_section(paths: RunPaths) -> list[str]:
     return out
 
 
-def write_report(cfg) -> Path:
+def write_report(cfg) -> Location:
+    """report.html into the run's output_dir (and a copy in local_dir when that is elsewhere); returns it."""
     import yaml
 
     paths = RunPaths.of(cfg)
-    timings = json.loads(paths.timings.read_text()) if paths.timings.exists() else {}
+    timings = json.loads(paths.timings.read_text()) if paths.timings.is_file() else {}
     tc, model_cfg = cfg.train, cfg.model
     adapter = f"LoRA r{model_cfg.lora.r}" if model_cfg.lora.enabled else "full fine-tune"
     sub = f"{html.escape(model_cfg.name_or_path)} · {adapter} · loss {tc.loss_type}, β {tc.beta}, cpo_alpha {tc.cpo_alpha} · {tc.num_workers} worker(s), ZeRO-{tc.zero_stage}"
@@ -245,7 +314,9 @@ def write_report(cfg) -> Path:
         "<h2>Configuration</h2>",
         f"<details><summary>resolved config ({len(config.splitlines())} lines)</summary><pre>{html.escape(config)}</pre></details>",
     ]
-    out = paths.report_html
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts) + "\n</html>\n")
-    return out
+    text = "\n".join(parts) + "\n</html>\n"
+    paths.report_html.write_text(text)
+    local = Location(paths.local_dir) / paths.report_html.name
+    if local != paths.report_html:  # the person at the driver gets a copy on their own disk
+        local.write_text(text)
+    return paths.report_html

@@ -14,7 +14,7 @@ a list of message lists). Messages are rendered with the tokenizer's chat templa
 model sees at inference; tokenization (BOS on the prompt, EOS after each response) happens in
 cpo_ray.data.tokenize. A record that cannot be used raises RowError(reason, message, field), `field` being the
 source field name (after DataConfig.columns mapping). A tokenizer without a chat template is a config error
-and raises ValueError, not RowError.
+(ConfigError from require_chat_template), not a RowError.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import math
 import os
 import re
 
+from cpo_ray.config import ConfigError
 from cpo_ray.contract import Reject, RowError
 
 FORMATS = ("explicit", "conversational", "implicit", "sharegpt", "ranked")
@@ -163,6 +164,7 @@ def _render(
     _check_response(chosen, names["chosen"])
     for r in rejected:
         _check_response(r, names["rejected"])
+    require_chat_template(tokenizer)
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     out = []
     for target, msgs in (("chosen", chosen), *(("rejected", r) for r in rejected)):
@@ -172,6 +174,18 @@ def _render(
             raise RowError(Reject.BAD_MESSAGES, msg, names[target])
         out.append(full[len(prompt_text) :])
     return prompt_text, out[0], out[1:]
+
+
+def require_chat_template(tokenizer) -> None:
+    """Message lists (and data.chat_template) are rendered with the tokenizer's chat template: a tokenizer
+    without one is a configuration problem of the whole run, raised once, never a reject per row."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "the tokenizer")
+        raise ConfigError(
+            f"{name} has no chat template, which message-list rows and data.chat_template: true need: use a chat "
+            "model's tokenizer, set data.chat_template: false for plain-text rows, or convert the data to explicit "
+            "prompt/chosen/rejected strings"
+        )
 
 
 def _conversational(record: dict, tokenizer, names: dict[str, str]):

@@ -3,9 +3,10 @@
     read (cpo_ray.data.readers: one task per file) -> normalise + tokenize (actor pool, tokenizer loaded once
     per actor) -> kept rows to Parquet, rejects counted by reason
 
-`prepare(cfg, model_path)` writes each split's Parquet and prepare_report.json where cpo_ray.contract.RunPaths
-says, and fails when the rejected share exceeds data.max_reject_fraction. `train_stream(split_dir)` is the lazy
-Ray Dataset the trainer streams (read_parquet: workers start on the first blocks).
+`prepare(cfg, model_path)` writes each split's Parquet (one shard per batch, written by the tokenizer actors
+themselves, on local disk or object storage) and prepare_report.json where cpo_ray.contract.RunPaths says, and
+fails when the rejected share exceeds data.max_reject_fraction. `train_stream(split_dir)` is the lazy Ray
+Dataset the trainer streams (read_parquet: workers start on the first blocks).
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from cpo_ray.config import Config, DataConfig
+from cpo_ray.config import Config, ConfigError, DataConfig
 from cpo_ray.contract import (
     CHOSEN_IDS,
     EVAL,
@@ -33,12 +33,14 @@ from cpo_ray.contract import (
     Reject,
     RowError,
     RunPaths,
-    has_rows,
+    parquet_files,
 )
 from cpo_ray.data.readers import READ_BATCH, expand_files, read_file
 from cpo_ray.data.tokenize import Special, tokenize_batch
+from cpo_ray.storage import Location
 
 READ_CPUS = 0.25  # CPU share of a read task: reading is cheap next to tokenizing
+ACTOR_CPUS = 0.5  # CPU share reserved by each tokenizer actor (logical: its threads use what the node has)
 MAX_EXAMPLES = 5  # file:line examples kept per reject reason
 
 # What the tokenize stage emits per row read: the kept columns, plus why a row was rejected.
@@ -60,9 +62,9 @@ class Tokenize:
     """Actor-pool UDF: normalise each record and tokenize the batch; rejects are kept as rows with a reason."""
 
     def __init__(self, model_path: str, data: dict, trust_remote_code: bool = False):
-        from transformers import AutoTokenizer
+        from cpo_ray.model_source import load_tokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.tok = load_tokenizer(model_path, trust_remote_code)  # a node-local copy when it is in storage
         self.special = Special.of(self.tok)
         self.cfg = DataConfig.model_validate(data)
 
@@ -97,6 +99,8 @@ class Tokenize:
                 triples.append((i, *self._record(raw)))
             except RowError as e:
                 errors[i] = e
+            except ConfigError:
+                raise  # the whole run's problem (e.g. no chat template): stop with one clear error, not N rejects
             except Exception as e:
                 errors[i] = RowError(Reject.BAD_RECORD, f"{type(e).__name__}: {str(e)[:200]}")
         rows: list = [None] * n
@@ -119,29 +123,38 @@ class Tokenize:
         )
 
 
-def tokenized_dataset(files: list[str], cfg: Config, model_path: str, num_actors: int | None = None):
-    """Lazy Ray Dataset of tokenized rows (kept and rejected, see OUT_SCHEMA) for the given files."""
+def tokenized_dataset(files: list[str], cfg: Config, model_path: str, num_actors: int | None = None, udf=None,
+                      udf_kwargs: dict | None = None):  # fmt: skip
+    """Lazy Ray Dataset of the given files through `udf` (default Tokenize: kept and rejected rows, OUT_SCHEMA).
+
+    Runs in order (preserve_order): the rows reach the UDF in file order, so batch boundaries, and the names
+    of the shards the pipeline writes from them, are the same on every run and cluster."""
     import ray
 
-    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    paths = ray.data.from_items(
+        [{"path": f, "file_index": i} for i, f in enumerate(files)], override_num_blocks=max(1, len(files))
+    )
+    paths.context.execution_options.preserve_order = True
     # Reading stays a separate (unfused) stage with its own small CPU share, so one big file read
     # by one task still feeds every tokenizer actor.
     raw = paths.map_batches(read_file, batch_size=1, num_cpus=READ_CPUS)
     cpus = ray.cluster_resources().get("CPU", 1)
     actors = num_actors or max(1, int(cpus))
-    # A fixed pool, one actor per CPU from the start, each holding a CPU share that leaves room for the
-    # read tasks: an autoscaling pool starting at one actor never got its second one on 2 CPUs (the
-    # reads held the rest), so tokenizing ran on one core.
+    # A fixed pool, one actor per CPU from the start: an autoscaling pool starting at one actor never got its
+    # second one on 2 CPUs (the reads held the rest), so tokenizing ran on one core. Each actor reserves half a
+    # CPU, so that on EVERY node (a 1-CPU head, 2-CPU workers, ...) room stays for the read tasks: a share sized
+    # for the whole cluster could fill each node exactly and leave the reads nowhere to run.
     return raw.map_batches(
-        Tokenize,
+        udf or Tokenize,
         fn_constructor_kwargs={
             "model_path": model_path,
             "data": cfg.data.model_dump(),
             "trust_remote_code": cfg.model.trust_remote_code,
+            **(udf_kwargs or {}),
         },
         batch_size=READ_BATCH,
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=max(0.1, (cpus - READ_CPUS) / actors),
+        num_cpus=ACTOR_CPUS,
     )
 
 
@@ -153,8 +166,11 @@ def _stats(values: list[int]) -> dict:
     return {"mean": round(float(v.mean()), 1), "p50": int(q[0]), "p95": int(q[1]), "max": int(v.max())}
 
 
-def _held_out(source: str, fraction: float) -> bool:
-    h = hashlib.blake2b(source.encode(), digest_size=8).digest()
+def held_out(raw: str | None, fraction: float) -> bool:
+    """Whether a record goes to the carved held-out split (data.eval_split): a hash of the record's own
+    text, so the split does not depend on where the file sits or what it is called, and duplicate records
+    always land on the same side (a copy of a test row is never trained on)."""
+    h = hashlib.blake2b((raw or "").encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
@@ -170,78 +186,141 @@ def split_negatives(table: pa.Table) -> pa.Table:
     return out.set_column(out.schema.get_field_index(REJECTED_IDS), REJECTED_IDS, one)
 
 
-class _SplitWriter:
-    """Streams kept rows of one split to Parquet shards and accounts for every row it is shown."""
+# One row per (batch, split) that TokenizeAndWrite handled: the batch's accounting, reduced by the driver.
+STATS_SCHEMA = pa.schema(
+    [
+        ("split", pa.string()),
+        ("first", pa.int64()),  # file_index * 2**32 + record number of the batch's first row: the order key
+        ("shard", pa.string()),  # the Parquet file written (null: nothing kept)
+        ("accounting", pa.string()),  # JSON: counts, reasons, examples, negatives (see batch_accounting)
+        ("prompt_len", pa.list_(pa.int32())),
+        ("chosen_len", pa.list_(pa.int32())),
+        ("rejected_len", pa.list_(pa.int32())),
+    ]
+)
 
-    def __init__(self, out_dir: Path, rows_per_file: int, explode: bool = False):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for old in out_dir.glob("*.parquet"):
-            old.unlink()
-        self.out_dir, self.rows_per_file, self.explode, self.written = out_dir, rows_per_file, explode, 0
-        self.writer, self.in_file, self.files = None, 0, []
-        self.read = self.truncated = self.merges = 0
-        self.reasons: Counter = Counter()
-        self.examples: dict[str, list[str]] = defaultdict(list)
-        self.lens: dict[str, list[int]] = {c: [] for c in PAIR_COLUMNS}
-        self.negatives: Counter = Counter()  # rows by their number of rejected responses
 
-    def add(self, table: pa.Table) -> None:
+def batch_accounting(table: pa.Table) -> dict:
+    """Every row of one tokenized batch (OUT_SCHEMA) accounted for: read, rejected by reason (with the first
+    MAX_EXAMPLES file:line examples), truncated, boundary merges, rejected responses per kept prompt."""
+    import pyarrow.compute as pc
+
+    rejected = table.filter(pc.is_valid(table.column("reason")))
+    reasons: Counter = Counter()
+    examples: dict[str, list[str]] = defaultdict(list)
+    for r, src, msg in zip(*(rejected.column(c).to_pylist() for c in ("reason", SOURCE, "message")), strict=True):
+        reasons[r] += 1
+        if len(examples[r]) < MAX_EXAMPLES:
+            examples[r].append(f"{src}: {msg}")
+    kept = table.filter(pc.is_null(table.column("reason")))
+    negatives = Counter(pc.list_value_length(kept.column(REJECTED_IDS)).to_pylist())
+    return {
+        "read": table.num_rows,
+        "reasons": dict(reasons),
+        "examples": dict(examples),
+        "truncated": int(pc.sum(kept.column(TRUNCATED)).as_py() or 0),
+        "merges": int(pc.sum(kept.column("boundary_merge")).as_py() or 0),
+        "negatives": {str(k): v for k, v in negatives.items()},
+    }
+
+
+class TokenizeAndWrite(Tokenize):
+    """The prepare pipeline's actor UDF: tokenize a batch, write its kept rows as ONE Parquet shard from this
+    actor (wherever it runs: no driver-side writer, no shared disk), return only the accounting (STATS_SCHEMA).
+
+    Shards are named by their first row's position in the input (file index, record number), so listing a
+    split in name order is reading the input in order. With data.eval_split, rows whose hash says so go to
+    the eval split's shard instead (their K rejected responses kept); data.split_negatives explodes the
+    train rows into one-rejected rows."""
+
+    def __init__(self, model_path: str, data: dict, trust_remote_code: bool = False, *, split: str,
+                 out: dict[str, str], carve: float = 0.0):  # fmt: skip
+        super().__init__(model_path, data, trust_remote_code)
+        self.split, self.carve = split, carve
+        self.out = {name: Location(uri) for name, uri in out.items()}
+
+    def __call__(self, batch: dict) -> pa.Table:
+        import pyarrow.compute as pc
+
+        table = super().__call__(batch)
+        first = int(batch["file_index"][0]) * 2**32 + int(batch["record"][0])
+        parts = {self.split: table}
+        if self.carve:
+            held = pa.array([held_out(x, self.carve) for x in batch["raw"]], pa.bool_())
+            parts = {self.split: table.filter(pc.invert(held)), EVAL: table.filter(held)}
+        rows = [self._write(name, part, first) for name, part in parts.items()]
+        return pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
+
+    def _write(self, split: str, table: pa.Table, first: int) -> dict:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        self.read += table.num_rows
-        rejected = table.filter(pc.is_valid(table.column("reason")))
-        for r, src, msg in zip(*(rejected.column(c).to_pylist() for c in ("reason", SOURCE, "message")), strict=True):
-            self.reasons[r] += 1
-            if len(self.examples[r]) < MAX_EXAMPLES:
-                self.examples[r].append(f"{src}: {msg}")
-        kept = table.filter(pc.is_null(table.column("reason")))
-        self.merges += int(pc.sum(kept.column("boundary_merge")).as_py() or 0)
-        kept = kept.select(list(KEPT_COLUMNS))
-        self.truncated += int(pc.sum(kept.column(TRUNCATED)).as_py() or 0)
-        for c in (PROMPT_IDS, CHOSEN_IDS):
-            self.lens[c] += pc.list_value_length(kept.column(c)).to_pylist()
-        self.lens[REJECTED_IDS] += pc.list_value_length(pc.list_flatten(kept.column(REJECTED_IDS))).to_pylist()
-        self.negatives.update(pc.list_value_length(kept.column(REJECTED_IDS)).to_pylist())
-        if self.explode:
+        kept = table.filter(pc.is_null(table.column("reason"))).select(list(KEPT_COLUMNS))
+        lengths = {c: pc.list_value_length(kept.column(c)).to_pylist() for c in (PROMPT_IDS, CHOSEN_IDS)}
+        lengths[REJECTED_IDS] = pc.list_value_length(pc.list_flatten(kept.column(REJECTED_IDS))).to_pylist()
+        accounting = batch_accounting(table)
+        if split == TRAIN and self.cfg.split_negatives:
             kept = split_negatives(kept)
-        self.written += kept.num_rows
-        while kept.num_rows:
-            if self.writer is None:
-                path = self.out_dir / f"part-{len(self.files):05d}.parquet"
-                self.writer, self.in_file = pq.ParquetWriter(path, kept.schema), 0
-                self.files.append(str(path))
-            take = min(kept.num_rows, self.rows_per_file - self.in_file)
-            self.writer.write_table(kept.slice(0, take))
-            kept, self.in_file = kept.slice(take), self.in_file + take
-            if self.in_file >= self.rows_per_file:
-                self.writer.close()
-                self.writer = None
-
-    def close(self, files: list[str]) -> dict:
-        if self.writer is not None:
-            self.writer.close()
-        rejected = sum(self.reasons.values())
+        accounting["written"] = kept.num_rows
+        shard = None
+        if kept.num_rows:
+            loc = self.out[split] / f"part-{first >> 32:05d}-{first & 0xFFFFFFFF:09d}.parquet"
+            with loc.open_output() as f:
+                pq.write_table(kept, f)
+            shard = loc.uri
         return {
-            "files": files,
-            "rows_read": self.read,
-            "rows_kept": self.read - rejected,
-            "rows_rejected": rejected,
-            "rejected_by_reason": dict(self.reasons.most_common()),
-            "examples": dict(self.examples),
-            "truncated": self.truncated,
-            "boundary_merges": self.merges,
-            "rejected_per_prompt": {str(k): v for k, v in sorted(self.negatives.items())},
-            "rows_written": self.written,  # rows_kept, or more with data.split_negatives
-            "tokens": {c.removesuffix("_ids"): _stats(v) for c, v in self.lens.items()},
-            "parquet": self.files,
+            "split": split,
+            "first": first,
+            "shard": shard,
+            "accounting": json.dumps(accounting),
+            "prompt_len": lengths[PROMPT_IDS],
+            "chosen_len": lengths[CHOSEN_IDS],
+            "rejected_len": lengths[REJECTED_IDS],
         }
+
+
+def _split_report(files: list[str], rows: list[dict]) -> dict:
+    """One split's prepare_report entry from its batches' STATS rows (in input order)."""
+    reasons: Counter = Counter()
+    negatives: Counter = Counter()
+    examples: dict[str, list[str]] = defaultdict(list)
+    read = truncated = merges = written = 0
+    for row in rows:
+        acc = json.loads(row["accounting"])
+        read, truncated, merges = read + acc["read"], truncated + acc["truncated"], merges + acc["merges"]
+        written += acc["written"]
+        reasons.update(acc["reasons"])
+        negatives.update(acc["negatives"])
+        for reason, ex in acc["examples"].items():
+            examples[reason] += ex[: MAX_EXAMPLES - len(examples[reason])]
+    rejected = sum(reasons.values())
+    lens = {c: [n for row in rows for n in row[f"{c}_len"]] for c in ("prompt", "chosen", "rejected")}
+    return {
+        "files": files,
+        "rows_read": read,
+        "rows_kept": read - rejected,
+        "rows_rejected": rejected,
+        "rejected_by_reason": dict(reasons.most_common()),
+        "examples": dict(examples),
+        "truncated": truncated,
+        "boundary_merges": merges,
+        "rejected_per_prompt": {k: v for k, v in sorted(negatives.items(), key=lambda kv: int(kv[0]))},
+        "rows_written": written,  # rows_kept, or more with data.split_negatives
+        "tokens": {c: _stats(v) for c, v in lens.items()},
+        "parquet": [row["shard"] for row in rows if row["shard"]],
+    }
+
+
+def _root(err: BaseException) -> BaseException:
+    """The innermost error behind Ray's task wrappers."""
+    while getattr(err, "cause", None) is not None or err.__cause__ is not None:
+        err = getattr(err, "cause", None) or err.__cause__
+    return err
 
 
 def _root_message(err: BaseException) -> str:
     """The message of the innermost error behind Ray's task wrappers (Ray appends hints after it)."""
-    while getattr(err, "cause", None) is not None or err.__cause__ is not None:
-        err = getattr(err, "cause", None) or err.__cause__
+    err = _root(err)
     text = str(err).strip()
     return text.splitlines()[0] if isinstance(err, DataError | OSError) else f"{type(err).__name__}: {text}"
 
@@ -254,54 +333,53 @@ def _totals(report: dict) -> None:
     report["rejected_share"] = rejected / read if read else 0.0
 
 
-def prepare(cfg: Config, model_path: str) -> dict:
-    """Tokenize train (and held-out) shards to Parquet under the run's data dir; returns the report.
-
-    One pass: Ray Data tokenizes in parallel actors while the driver streams kept rows to Parquet
-    and counts rejects, so memory stays bounded by a few batches whatever the data size.
-    """
-    import pyarrow.compute as pc
-    import ray
-
+def _inputs(cfg: Config, paths: RunPaths) -> dict[str, list[str]]:
+    """{split: file URIs}: the configured files, or the synthetic task written to the run's storage first."""
     from cpo_ray.data.synthetic import write_task
 
-    paths = RunPaths.of(cfg)
     train_files, eval_files = list(cfg.data.train_files), list(cfg.data.eval_files)
     if cfg.data.synthetic is not None:
-        s = cfg.data.synthetic
-        tr, ev = write_task(paths.raw_dir, **s.model_dump())
-        train_files, eval_files = [tr], [ev]
+        train_files, eval_files = map(list, zip(write_task(paths.raw_dir, **cfg.data.synthetic.model_dump())))
     if not train_files:
         raise DataError("no training data: set data.train_files or data.synthetic")
     inputs = {TRAIN: expand_files(train_files)}
     if eval_files:
         inputs[EVAL] = expand_files(eval_files)
-    carve = not eval_files and cfg.data.eval_split > 0  # hold out rows of the train files by hash
+    return inputs
+
+
+def prepare(cfg: Config, model_path: str) -> dict:
+    """Tokenize train (and held-out) shards to Parquet under the run's data dir; returns the report.
+
+    One pass: Ray Data reads in tasks and tokenizes in parallel actors that write their own Parquet shards;
+    only each batch's accounting comes back to the driver, so memory stays bounded whatever the data size
+    and nothing depends on the driver's disk."""
+    import ray
+
+    paths = RunPaths.of(cfg)
+    if cfg.data.chat_template:  # before any row is read (and before Ray Data starts)
+        from cpo_ray.data.formats import require_chat_template
+        from cpo_ray.model_source import load_tokenizer
+
+        require_chat_template(load_tokenizer(model_path, cfg.model.trust_remote_code))
+    inputs = _inputs(cfg, paths)
+    carve = cfg.data.eval_split if EVAL not in inputs else 0.0  # hold out rows of the train files by hash
     report: dict = {"model": model_path, "max_length": cfg.data.max_length, "splits": {}}
     for split, files in inputs.items():
-        writers = {
-            split: _SplitWriter(
-                paths.split_dir(split), cfg.data.rows_per_file, cfg.data.split_negatives and split == TRAIN
-            )
-        }
-        if carve:
-            writers[EVAL] = _SplitWriter(paths.split_dir(EVAL), cfg.data.rows_per_file)  # held-out rows keep their K
+        out = {split: paths.split_dir(split)} | ({EVAL: paths.split_dir(EVAL)} if carve else {})
+        for loc in out.values():
+            loc.rmtree()  # an earlier prepare's shards must not linger
+        kwargs = {"split": split, "out": {k: v.uri for k, v in out.items()}, "carve": carve}
         try:
-            for batch in tokenized_dataset(files, cfg, model_path).iter_batches(
-                batch_format="pyarrow", batch_size=None
-            ):
-                batch = batch.cast(OUT_SCHEMA)
-                if carve:
-                    held = pa.array([_held_out(x, cfg.data.eval_split) for x in batch.column(SOURCE).to_pylist()])
-                    writers[EVAL].add(batch.filter(held))
-                    batch = batch.filter(pc.invert(held))
-                writers[split].add(batch)
+            ds = tokenized_dataset(files, cfg, model_path, udf=TokenizeAndWrite, udf_kwargs=kwargs)
+            rows = sorted(ds.take_all(), key=lambda r: r["first"])
         except ray.exceptions.RayTaskError as e:
+            if isinstance(_root(e), ConfigError):
+                raise ConfigError(str(_root(e))) from None
             raise DataError(_root_message(e)) from None
-        for name, w in writers.items():
-            report["splits"][name] = w.close(files)
+        for name in out:
+            report["splits"][name] = _split_report(files, [r for r in rows if r["split"] == name])
     _totals(report)
-    paths.data_dir.mkdir(parents=True, exist_ok=True)
     paths.prepare_report.write_text(json.dumps(report, indent=2))
     if report["rejected_share"] > cfg.data.max_reject_fraction:
         reasons: Counter = Counter()
@@ -315,17 +393,23 @@ def prepare(cfg: Config, model_path: str) -> dict:
     return report
 
 
-def count_rows(split_dir: Path) -> int:
+def count_rows(split_dir) -> int:
     """Rows of a tokenized split, from the Parquet footers (no data read)."""
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(Path(split_dir).glob("*.parquet")))
+    total = 0
+    for f in parquet_files(split_dir):
+        with f.open_input() as stream:
+            total += pq.ParquetFile(stream).metadata.num_rows
+    return total
 
 
-def train_stream(split_dir: Path):
-    """The lazy Ray Dataset of tokenized pairs that TorchTrainer splits across workers."""
+def train_stream(split_dir):
+    """The lazy Ray Dataset of tokenized pairs that TorchTrainer splits across workers: the split's shards in
+    name order (= input order), read by Ray Data tasks from wherever they are stored."""
     import ray
 
-    if not has_rows(split_dir):
+    files = parquet_files(split_dir)
+    if not files:
         raise DataError(f"no tokenized data in {split_dir}: run `cpo-ray prepare` first")
-    return ray.data.read_parquet(str(split_dir), columns=list(PAIR_COLUMNS))
+    return ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs, columns=list(PAIR_COLUMNS))

@@ -4,48 +4,87 @@
     for batch in read_file({"path": [files[0]]}):                    # {"source": ["file:line", ...], "raw": [...]}
 
 JSONL, JSONL.gz, JSON arrays (.json/.json.gz holding [ {...}, ... ], streamed in 1 MiB chunks, records numbered
-`file:recordN`) and Parquet (`file:rowN`), over any fsspec filesystem. A record that cannot be decoded stays in
+`file:recordN`) and Parquet (`file:rowN`), on local disk or any cpo_ray.storage location. A record that cannot be decoded stays in
 the batch as None (counted later as bad_encoding); only a file that cannot be read at all raises DataError.
 Pure I/O: no Ray, no tokenizer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import gzip
+import io
 import json
 import zlib
-from pathlib import Path
 
-import fsspec
 import pyarrow as pa
 
 from cpo_ray.contract import DataError
+from cpo_ray.storage import Location, is_remote
 
 READ_BATCH = 1024  # records per yielded batch (and per tokenize call)
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+NUMBER_CHARS = frozenset("0123456789+-.eE")
 
 
 def expand_files(specs: list[str]) -> list[str]:
-    """Paths, globs, folders and URIs -> sorted file URIs; a spec matching nothing is an error."""
+    """Paths, globs, folders and URIs -> sorted file URIs (local: absolute paths); a spec matching nothing is
+    an error naming it. A glob may use * ? [ ] in any part of the path (matched below its fixed prefix)."""
     files: list[str] = []
     for spec in specs:
-        fs, path = fsspec.core.url_to_fs(spec)
-        if any(c in path for c in "*?["):
-            found = sorted(fs.glob(path))
-        elif fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if p.endswith(SUFFIXES))
-        elif fs.exists(path):
-            found = [path]
+        if any(c in spec for c in "*?["):
+            parts = spec.split("/")
+            fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+            base = Location("/".join(parts[:fixed]) or ".")
+            pattern = (base / "/".join(parts[fixed:])).uri
+            found = [f.uri for f in base.rglob(("",)) if fnmatch.fnmatch(f.uri, pattern)]
         else:
-            raise DataError(f"data file not found: {spec}")
+            loc = Location(spec)
+            if loc.is_file():
+                found = [loc.uri]
+            elif loc.is_dir():
+                found = [f.uri for f in loc.rglob(SUFFIXES)]
+            else:
+                raise DataError(f"data file not found: {spec}")
         if not found:
             raise DataError(f"no data files match {spec!r} (expected {', '.join(SUFFIXES)})")
-        files += [fs.unstrip_protocol(p) if "://" in spec else str(Path(p).resolve()) for p in found]
+        files += found
     return files
+
+
+class _RawReader(io.RawIOBase):
+    """A pyarrow input file as a raw stream, so io.BufferedReader / gzip can read lines from it."""
+
+    def __init__(self, native):
+        self.native = native
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.native.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+@contextlib.contextmanager
+def open_binary(path: str):
+    """A buffered binary stream of a local file or URI, gunzipped when the name ends in .gz."""
+    if is_remote(path):
+        native = Location(path).open_input()
+        stream = io.BufferedReader(_RawReader(native), 1 << 20)
+    else:
+        native = stream = open(path, "rb")  # noqa: SIM115 (closed below)
+    try:
+        yield gzip.GzipFile(fileobj=stream) if path.endswith(".gz") else stream
+    finally:
+        native.close()
 
 
 def _lines(path: str):
     """(line_no, raw bytes) for a JSONL / JSONL.gz file (compression from the suffix)."""
-    with fsspec.open(path, "rb", compression="infer") as stream:
+    with open_binary(path) as stream:
         line_no = 0
         try:
             for line_no, line in enumerate(stream, 1):
@@ -59,7 +98,7 @@ def _is_json_array(path: str) -> bool:
     LLaMA-Factory and many dataset repositories ship them); anything else is read as JSONL."""
     if not path.endswith((".json", ".json.gz")):
         return False
-    with fsspec.open(path, "rb", compression="infer") as stream:
+    with open_binary(path) as stream:
         head = stream.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return head[:1] == b"["
 
@@ -97,6 +136,13 @@ class _ArrayReader:
             if self.pos < len(self.buf) or not self._more():
                 return self.buf[self.pos : self.pos + 1]
 
+    def _may_continue(self, end: int) -> bool:
+        """Whether the value just scanned may be a number cut by the chunk boundary ("1e" | "+20" scans as 1):
+        a number, followed by nothing but number characters up to the buffer's end."""
+        if self.buf[self.pos] not in "-0123456789":
+            return False
+        return all(c in NUMBER_CHARS for c in self.buf[end:])
+
     def _fail(self, n: int, what: str):
         raise DataError(f"{self.path}: not a valid JSON array after record {n} ({what})")
 
@@ -121,7 +167,7 @@ class _ArrayReader:
             while True:
                 try:
                     _, end = scan(self.buf, self.pos)
-                    if end < len(self.buf) or self.eof:  # a number at the buffer's end may continue
+                    if self.eof or not self._may_continue(end):
                         break
                 except ValueError as e:  # JSONDecodeError, or an int over Python's digit limit
                     if self.eof:
@@ -136,7 +182,7 @@ class _ArrayReader:
 def _array_records(path: str):
     """(record number, JSON text) of each element of a JSON array file; never loaded whole."""
     try:
-        with fsspec.open(path, "rb", compression="infer") as stream:
+        with open_binary(path) as stream:
             yield from _ArrayReader(stream, path)
     except (EOFError, OSError, zlib.error) as e:
         raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
@@ -164,53 +210,60 @@ def _parquet_records(rb) -> list:
         return out
 
 
-def read_file(batch: dict) -> dict:
-    """Ray Data generator UDF: one file path in, batches of {source, raw} out (raw = one JSON text)."""
-    (path,) = batch["path"]
-    sources, raws = [], []
+def _records(path: str):
+    """(record number, "file:where", raw JSON text or None) for every record of one file."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         try:
-            with fsspec.open(path, "rb") as f:
+            with Location(path).open_input() as f:  # seekable: Parquet reads its footer first
                 row = 0
                 for rb in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH):
                     for rec in _parquet_records(rb):
                         row += 1
-                        sources.append(f"{path}:row{row}")
                         try:
-                            raws.append(None if rec is None else json.dumps(rec, default=_json_default))
+                            raw = None if rec is None else json.dumps(rec, default=_json_default)
                         except UnicodeDecodeError:
-                            raws.append(None)  # a binary cell that is not UTF-8: bad_encoding
-                    yield {"source": sources, "raw": raws}
-                    sources, raws = [], []
+                            raw = None  # a binary cell that is not UTF-8: bad_encoding
+                        yield row, f"{path}:row{row}", raw
         except (OSError, ValueError, pa.ArrowException) as e:  # ValueError: e.g. undecodable schema names
             raise DataError(f"{path}: unreadable Parquet ({e})") from None
         return
     if _is_json_array(path):
         for n, text in _array_records(path):
-            sources.append(f"{path}:record{n}")
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # bytes that were not UTF-8 (surrogate escapes): bad_encoding
                 text = None
-            raws.append(text)
-            if len(raws) >= READ_BATCH:
-                yield {"source": sources, "raw": raws}
-                sources, raws = [], []
-        if raws:
-            yield {"source": sources, "raw": raws}
+            yield n, f"{path}:record{n}", text
         return
     for line_no, line in _lines(path):
         if not line.strip():
             continue  # blank lines are not records (a trailing newline, spacing)
-        sources.append(f"{path}:{line_no}")
         try:
-            raws.append(line.decode("utf-8"))
+            raw = line.decode("utf-8")
         except UnicodeDecodeError:
-            raws.append(None)  # counted as bad_encoding by the tokenizer stage
-        if len(raws) >= READ_BATCH:
-            yield {"source": sources, "raw": raws}
-            sources, raws = [], []
-    if raws:
-        yield {"source": sources, "raw": raws}
+            raw = None  # counted as bad_encoding by the tokenizer stage
+        yield line_no, f"{path}:{line_no}", raw
+
+
+def read_file(batch: dict):
+    """Ray Data generator UDF: one file path in, batches of READ_BATCH records out:
+    {source: "file:line", raw: JSON text or None, file_index: the file's position in the input, record: its
+    number in the file} (the last two order the prepared shards)."""
+    (path,) = batch["path"]
+    index = int(batch["file_index"][0]) if "file_index" in batch else 0
+    buf: list[tuple] = []
+    for rec in _records(path):
+        buf.append(rec)
+        if len(buf) >= READ_BATCH:
+            yield _as_batch(buf, index)
+            buf = []
+    if buf:
+        yield _as_batch(buf, index)
+
+
+def _as_batch(records: list[tuple], file_index: int) -> dict:
+    numbers, sources, raws = zip(*records, strict=True)
+    return {"source": list(sources), "raw": list(raws), "file_index": [file_index] * len(records),
+            "record": list(numbers)}  # fmt: skip

@@ -12,7 +12,6 @@ import hashlib
 import json
 import random
 import re
-from pathlib import Path
 
 from cpo_ray.contract import EVAL, TRAIN
 
@@ -135,7 +134,7 @@ def make_pairs(
 
 
 def write_task(
-    out_dir: str | Path,
+    out_dir,
     *,
     train_pairs: int,
     eval_pairs: int,
@@ -145,9 +144,11 @@ def write_task(
     negatives: int = 1,
     eval_negatives: int | None = None,
 ) -> tuple[str, str]:
-    """Write train.jsonl and eval.jsonl (explicit prompt/chosen/rejected); returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write train.jsonl and eval.jsonl (explicit prompt/chosen/rejected) into a folder or storage URI (the
+    read tasks of prepare may run on any node); returns their URIs."""
+    from cpo_ray.storage import Location
+
+    out = Location(out_dir)
     paths = []
     for name, count, held in ((TRAIN, train_pairs, False), (EVAL, eval_pairs, True)):
         k = (eval_negatives or negatives) if held else negatives
@@ -156,5 +157,5 @@ def write_task(
         )
         path = out / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        paths.append(str(path))
+        paths.append(path.uri)
     return paths[0], paths[1]

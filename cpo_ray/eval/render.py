@@ -8,9 +8,10 @@ Called by cpo_ray.eval.scorer.evaluate_models; also usable to re-render from eva
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 from cpo_ray.contract import EVAL_MD, MARGINS_PNG, SAMPLES_MD
+from cpo_ray.storage import Location
 
 
 def _fmt(x, pct: bool = False) -> str:
@@ -53,10 +54,45 @@ def markdown_table(result: dict) -> str:
         lines.append(
             "| McNemar p (pairs won / lost) | - | " + " | ".join(mcnemar_text(comps[m]) for m in models[1:]) + " |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + generation_lines(result, models))
 
 
-def plot_margins(rows_by_model: dict[str, list[dict]], path: Path) -> None:
+def diff_text(c: dict, pct: bool) -> str:
+    """A paired difference and its bootstrap 95% interval (percentage points or metric points)."""
+    k = 100 if pct else 1
+    lo, hi = c["ci95"]
+    return f"{k * c['diff']:+.1f} [{k * lo:+.1f}, {k * hi:+.1f}]"
+
+
+def judge_text(j: dict) -> str:
+    lo, hi = j["ci95"]
+    return f"{100 * j['win_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({j['wins']}/{j['ties']}/{j['losses']}, p {j['sign_test_p']:.2g})"
+
+
+def generation_lines(result: dict, models: list[str]) -> list[str]:
+    """The generation scores as more rows of the same table (greedy answers vs the chosen responses)."""
+    gen = result.get("generation")
+    if not gen:
+        return []
+    per = [gen["models"][m] for m in models]
+    lines = []
+    for label, key, pct in (("greedy exact match", "exact_match", True), ("greedy chrF", "chrf", False),
+                            ("greedy BLEU", "bleu", False), ("user score", "user", False)):  # fmt: skip
+        if key in per[0]["greedy"]:
+            lines.append(f"| {label} | " + " | ".join(_fmt(p["greedy"][key], pct) for p in per) + " |")
+    if "samples" in per[0]:
+        n = per[0]["samples"]["n"]
+        lines.append(f"| best-of-{n} exact match | " + " | ".join(_fmt(p["samples"]["best_of_n_exact_match"], True) for p in per) + " |")  # fmt: skip
+    comps = gen.get("comparisons") or {}
+    if comps:
+        lines.append("| exact match vs baseline (95% CI) | - | " + " | ".join(diff_text(comps[m]["exact_match"], True) for m in models[1:]) + " |")  # fmt: skip
+    judge = gen.get("judge") or {}
+    if judge:
+        lines.append("| judge win rate vs baseline (W/T/L, sign p) | - | " + " | ".join(judge_text(judge[m]) for m in models[1:]) + " |")  # fmt: skip
+    return lines
+
+
+def plot_margins(rows_by_model: dict[str, list[dict]], path) -> None:
     """Overlaid histograms of margin = logp(chosen) - logp(rejected), one per model, shared bins."""
     import matplotlib
 
@@ -74,8 +110,10 @@ def plot_margins(rows_by_model: dict[str, list[dict]], path: Path) -> None:
     ax.set(xlabel="margin = logp(chosen) - logp(rejected)  [nats]", ylabel="pairs", title="Held-out preference margins")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    Location(path).write_bytes(png.getvalue())
 
 
 def samples_markdown(samples: list[dict]) -> str:
@@ -88,8 +126,9 @@ def samples_markdown(samples: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def write_report(result: dict, rows_by_model: dict[str, list[dict]], out_dir: str | Path) -> None:
-    out = Path(out_dir)
+def write_report(result: dict, rows_by_model: dict[str, list[dict]], out_dir) -> None:
+    """eval.md, margins.png and samples.md into a folder or storage Location."""
+    out = Location(out_dir)
     header = f"# Held-out preference evaluation\n\nendpoint: `{result['endpoint']}`, pairs: {result['n_pairs']}\n\n"
     (out / EVAL_MD).write_text(header + markdown_table(result) + "\n")
     plot_margins(rows_by_model, out / MARGINS_PNG)

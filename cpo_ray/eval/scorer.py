@@ -18,34 +18,29 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 from cpo_ray.config import EvalConfig
-from cpo_ray.contract import API_KEY_ENV, CHOSEN_IDS, EVAL_JSON, PAIR_COLUMNS, PROMPT_IDS, REJECTED_IDS, pairs_file
+from cpo_ray.contract import (
+    API_KEY_ENV,
+    CHOSEN_IDS,
+    EVAL_JSON,
+    PROMPT_IDS,
+    REJECTED_IDS,
+    generations_file,
+    pairs_file,
+    read_pairs,
+)
+from cpo_ray.storage import Location
 
 
 class LogprobsUnavailable(RuntimeError):
     """The server answered but returned no prompt log-probs, so responses cannot be scored."""
 
 
-def load_tokenized_pairs(path: str | Path, max_pairs: int | None = None) -> list[dict]:
-    """Rows {prompt_ids, chosen_ids, rejected_ids} (int lists) from one .parquet or a folder of them."""
-    import pyarrow.parquet as pq
-
-    p = Path(path)
-    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
-    if not files or not files[0].is_file():
-        raise FileNotFoundError(f"no Parquet files at {p}")
-    rows: list[dict] = []
-    for f in files:
-        schema = pq.read_schema(f)
-        missing = [c for c in PAIR_COLUMNS if c not in schema.names]
-        if missing:
-            raise ValueError(f"{f}: missing column(s) {missing}; expected tokenized pairs with {list(PAIR_COLUMNS)}")
-        rows += pq.read_table(f, columns=list(PAIR_COLUMNS)).to_pylist()
-        if max_pairs is not None and len(rows) >= max_pairs:
-            return rows[:max_pairs]
-    return rows
+def load_tokenized_pairs(path, max_pairs: int | None = None) -> list[dict]:
+    """Rows {prompt_ids, chosen_ids, rejected_ids} (int lists) from one .parquet or a folder of them, on local
+    disk or in storage (cpo_ray.contract.read_pairs)."""
+    return read_pairs(path, max_pairs)
 
 
 def sum_prompt_logprobs(prompt_logprobs: list, ids: list[int], start: int) -> float:
@@ -243,14 +238,27 @@ async def _run(endpoint, model_ids, pairs, cfg: EvalConfig, api_key, tokenizer) 
         await asyncio.gather(*(score(m) for m in model_ids))
         result["scoring_s"] = time.perf_counter() - t0
         result["models"] = {m: result["models"][m] for m in model_ids}  # baseline first
-        samples = []
-        decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if tokenizer else str
-        for pair in pairs[: cfg.generate_samples]:
-            texts = await asyncio.gather(*(_generate(client, m, pair[PROMPT_IDS], cfg) for m in model_ids))
-            sample = {"prompt": decode(pair[PROMPT_IDS]), "chosen": decode(pair[CHOSEN_IDS])}
-            samples.append(sample | {"outputs": dict(zip(model_ids, texts, strict=True))})
-        result["samples"] = samples
+        if cfg.generation.enabled and tokenizer is not None:  # references are decoded chosen responses
+            from cpo_ray.eval.generate import generate_and_score
+
+            result["generation"] = await generate_and_score(client, model_ids, pairs, cfg, tokenizer)
+        result["samples"] = await _samples(client, model_ids, pairs, cfg, tokenizer, result.get("generation"))
     return result
+
+
+async def _samples(client, model_ids, pairs, cfg: EvalConfig, tokenizer, generation: dict | None) -> list[dict]:
+    """The first generate_samples prompts side by side for the report: taken from the scored generations
+    when there are some (no second request), else generated here."""
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if tokenizer else str
+    samples = []
+    for i, pair in enumerate(pairs[: cfg.generate_samples]):
+        if generation and i < generation["n_prompts"]:
+            texts = [generation["rows"][m][i]["response"] for m in model_ids]
+        else:
+            texts = await asyncio.gather(*(_generate(client, m, pair[PROMPT_IDS], cfg) for m in model_ids))
+        sample = {"prompt": decode(pair[PROMPT_IDS]), "chosen": decode(pair[CHOSEN_IDS])}
+        samples.append(sample | {"outputs": dict(zip(model_ids, texts, strict=True))})
+    return samples
 
 
 def evaluate_models(
@@ -258,7 +266,7 @@ def evaluate_models(
     model_ids: list[str],
     pairs: list[dict],
     cfg: EvalConfig,
-    out_dir: str | Path,
+    out_dir,
     api_key: str | None = None,
     tokenizer_path: str | None = None,
 ) -> dict:
@@ -270,9 +278,9 @@ def evaluate_models(
         raise ValueError("evaluate: need at least one model id and one pair")
     tokenizer = None
     if tokenizer_path:
-        from transformers import AutoTokenizer
+        from cpo_ray.model_source import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path)  # a storage URI is copied to this node first
     api_key = api_key or os.environ.get(API_KEY_ENV)
     pairs = pairs[: cfg.max_pairs] if cfg.max_pairs else pairs
     t0 = time.perf_counter()
@@ -285,10 +293,15 @@ def evaluate_models(
         "elapsed_s": time.perf_counter() - t0,
         "pairs_per_s": len(pairs) * len(rows) / result["scoring_s"],  # all models, scored concurrently
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Location(out_dir)  # a local folder or the run's object storage
+    out.mkdir()
     for model, model_rows in rows.items():
         (out / pairs_file(model)).write_text("".join(json.dumps(r) + "\n" for r in model_rows))
+    if "generation" in result:  # per prompt: the answers, their scores, the judge's verdicts
+        gen_rows, prompts = result["generation"].pop("rows"), result["generation"].pop("prompts")
+        for model, model_rows in gen_rows.items():
+            lines = [json.dumps({"prompt": p, **r}) for p, r in zip(prompts, model_rows, strict=True)]
+            (out / generations_file(model)).write_text("".join(ln + "\n" for ln in lines))
     (out / EVAL_JSON).write_text(json.dumps(result, indent=2))
     render.write_report(result, rows, out)
     return result

@@ -46,3 +46,40 @@ def compare(base_rows: list[dict], rows: list[dict], seed: int = 0, resamples: i
         "only_model_correct": only_model,
         "mcnemar_p": mcnemar_exact(only_base, only_model),
     }
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test of wins vs losses (ties dropped): the same binomial test as McNemar's."""
+    return mcnemar_exact(wins, losses)
+
+
+def bootstrap_mean_ci(values, seed: int = 0, resamples: int = 10_000) -> list[float]:
+    """95% percentile bootstrap interval of the mean of `values` (chunked like bootstrap_mean_diff)."""
+    x = np.asarray(values, dtype=np.float64)
+    reps = bootstrap_mean_diff(np.zeros_like(x), x, seed, resamples)
+    return [float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))]
+
+
+def paired_mean_diff(base: list[float], other: list[float], seed: int = 0, resamples: int = 10_000) -> dict:
+    """mean(other) - mean(base) over paired per-prompt scores, with its bootstrap 95% interval."""
+    a, b = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    reps = bootstrap_mean_diff(a, b, seed, resamples)
+    return {
+        "diff": float(b.mean() - a.mean()),
+        "ci95": [float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))],
+    }
+
+
+def win_rate(outcomes: list[float], seed: int = 0, resamples: int = 10_000) -> dict:
+    """Per-prompt outcomes 1 (win), 0.5 (tie), 0 (loss): the win rate (ties count half), its bootstrap 95%
+    interval, the counts and the sign test of wins vs losses."""
+    x = np.asarray(outcomes, dtype=np.float64)
+    wins, losses = int((x == 1).sum()), int((x == 0).sum())
+    return {
+        "win_rate": float(x.mean()) if len(x) else None,
+        "ci95": bootstrap_mean_ci(x, seed, resamples) if len(x) else [None, None],
+        "wins": wins,
+        "ties": int(len(x) - wins - losses),
+        "losses": losses,
+        "sign_test_p": sign_test(wins, losses),
+    }

@@ -14,13 +14,15 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cpo_ray.config import Config, ServeConfig
-from cpo_ray.contract import API_KEY_ENV, FINAL_MARKER, RunPaths
+from cpo_ray.config import Config, ConfigError, ServeConfig
+from cpo_ray.contract import ADAPTER_MARKER, API_KEY_ENV, FINAL_MARKER, RunPaths
+from cpo_ray.storage import Location, is_remote, storage_env
 
 APP_NAME = "cpo-ray"
 # Small CPU shares so two models + a 0-CPU ingress schedule on a 2-CPU Ray next to other work; the
@@ -38,17 +40,48 @@ def resolve_device(device: str) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+BASE = "base"  # the served id of the configured model
+
+
 def served_models(cfg: Config) -> dict[str, str]:
-    """cfg.serve.models, or base (the configured model) + tuned (the run's final/) when it exists."""
+    """cfg.serve.models, or base (the configured model) + tuned (the run's final/) when it exists; with
+    serve.lora_adapters the base alone (the tuned adapter rides on its engine: `served_adapters`)."""
     from cpo_ray.model_source import resolve_model_path
 
     if cfg.serve.models:
         return dict(cfg.serve.models)
-    models = {"base": resolve_model_path(cfg)}
-    final = RunPaths.of(cfg).final
-    if (final / FINAL_MARKER).exists():
-        models["tuned"] = str(final.resolve())
+    models = {BASE: resolve_model_path(cfg)}
+    final = RunPaths.of(RunPaths.anchored(cfg)).final
+    if (final / FINAL_MARKER).is_file() and not cfg.serve.lora_adapters:
+        models["tuned"] = final.uri  # a folder, or a storage URI each replica downloads from on its own node
     return models
+
+
+def adapters_dir(cfg: Config) -> Location:
+    return Location(cfg.serve.adapters_dir) if cfg.serve.adapters_dir else Location(cfg.output_dir) / "adapters"
+
+
+def served_adapters(cfg: Config) -> list[str]:
+    """With serve.lora_adapters: the ids the evaluator asks for ("base:<run name>"), after publishing this
+    run's adapter into adapters_dir/<run name> (once). Refused, with the reason, where Ray Serve LLM cannot
+    load adapters from (a local disk) or there is no adapter (a full fine-tune)."""
+    if not cfg.serve.lora_adapters:
+        return []
+    where = adapters_dir(cfg)
+    if where.is_local:
+        raise ConfigError(
+            f"serve.lora_adapters: Ray Serve LLM loads adapters from object storage only (s3://, gs://), and "
+            f"{where} is a local folder: set serve.adapters_dir (or output_dir) to a bucket, or serve merged models"
+        )
+    adapter = RunPaths.of(cfg).adapter
+    if not (adapter / ADAPTER_MARKER).is_file():
+        raise ConfigError(f"serve.lora_adapters: no LoRA adapter at {adapter} (model.lora.enabled: a LoRA run)")
+    check_servable_adapter(adapter)
+    mine = where / cfg.name
+    if not (mine / ADAPTER_MARKER).is_file() or (mine / ADAPTER_MARKER).mtime() < (adapter / ADAPTER_MARKER).mtime():
+        with tempfile.TemporaryDirectory() as tmp:
+            mine.publish_from(adapter.download_to(tmp), marker=ADAPTER_MARKER)
+    return [f"{BASE}:{cfg.name}"]
 
 
 def resolve_api_key(cfg: ServeConfig) -> str | None:
@@ -93,17 +126,40 @@ def _engine_settings(cfg: ServeConfig, device: str, n_models: int) -> dict:
     return out
 
 
-def cpu_cores(index: int, n_models: int, n_cpus: int) -> str:
-    """The cores engine `index` of `n_models` binds its threads to: an equal, disjoint share of the node's
-    cores, so models scored at the same time do not compete (one core each on 2 cores), and a lone model
-    gets them all. vLLM's own default binds every engine to core 0 and reserves the rest."""
-    per = max(1, n_cpus // n_models)
-    first = (index * per) % n_cpus
-    return str(first) if per == 1 else f"{first}-{first + per - 1}"
+def cpu_cores(index: int, n_models: int, cores: list[int]) -> str:
+    """The cores engine `index` of `n_models` binds its threads to (VLLM_CPU_OMP_THREADS_BIND): an equal,
+    disjoint share of `cores` (the ones this process may run on: its affinity, which containers, Slurm and
+    taskset restrict), so models scored at the same time do not compete, and a lone model gets them all. With
+    more models than cores the shares cannot be disjoint: engines take one core each, round-robin.
+    vLLM's own default binds every engine to core 0 and reserves the rest."""
+    cores = sorted(cores)
+    per = max(1, len(cores) // n_models)
+    first = (index * per) % len(cores)
+    return ",".join(str(c) for c in cores[first : first + per])
+
+
+def engine_cores(cfg: ServeConfig, model_ids: list[str]) -> list[str]:
+    """Each served model's CPU cores, in serving order: serve.cpu_cores as given (one entry per model, else an
+    error naming the key), or an equal, disjoint share of this process's usable cores (cpu_cores())."""
+    if cfg.cpu_cores is None:
+        cores = usable_cores()  # the engines run on this node in the local (CPU) setups
+        return [cpu_cores(i, len(model_ids), cores) for i in range(len(model_ids))]
+    if len(cfg.cpu_cores) != len(model_ids):
+        raise ConfigError(f"serve.cpu_cores lists {len(cfg.cpu_cores)} core sets for {len(model_ids)} models "
+                          f"{model_ids}: give one per served model, in that order")  # fmt: skip
+    return list(cfg.cpu_cores)
+
+
+def usable_cores() -> list[int]:
+    """The CPU ids this process may run on (sched affinity; os.cpu_count() where there is no affinity API)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return list(range(os.cpu_count() or 1))
 
 
 def _env_vars(device: str, cache_dir: str, local_model: bool, cores: str | None = None) -> dict:
-    env = {
+    env = storage_env() | {
         "VLLM_CACHE_ROOT": str(Path(cache_dir) / "vllm"),
         "TORCHINDUCTOR_CACHE_DIR": str(Path(cache_dir) / "inductor"),
     }
@@ -137,8 +193,43 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def build_llm_app(cfg: ServeConfig, models: dict[str, str], *, cache_dir: str | None = None):
-    """A Serve application: one vLLM deployment per served id plus the OpenAI ingress (0 CPUs)."""
+# vLLM's names of the projections LoRA adapts (its fused qkv/gate_up and the usual unfused ones), lm_head left
+# out: vLLM 0.32 wraps the head for LoRA whenever it may, and its CPU kernel then fails on prompt log-probs of
+# batched requests (one LoRA index per request, one row per prompt token); cpo-ray's adapters never adapt the head.
+LORA_TARGETS = ["qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj",
+                "down_proj", "dense", "fc1", "fc2", "w1", "w2", "w3", "out_proj"]  # fmt: skip
+
+
+def _lora_settings(adapters: str, rank: int, n: int = 8) -> dict:
+    """LLMConfig fields that put LoRA adapters (folders under `adapters`, loaded on demand) on one engine."""
+    allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's max_lora_rank values
+    max_rank = next((r for r in allowed if r >= rank), allowed[-1])
+    engine = {"enable_lora": True, "max_lora_rank": max_rank, "max_loras": n, "max_cpu_loras": n}
+    return {
+        "lora_config": {"dynamic_lora_loading_path": adapters, "max_num_adapters_per_replica": n},
+        "engine_kwargs": engine | {"lora_target_modules": LORA_TARGETS},
+    }
+
+
+def check_servable_adapter(adapter: Location) -> None:
+    """Refuse, before any engine starts, an adapter vLLM would not apply as trained: fully trained modules
+    (modules_to_save: vLLM loads none for causal LMs) or a LoRA on the head (left out above)."""
+    cfg = json.loads((adapter / ADAPTER_MARKER).read_text())
+    saved = cfg.get("modules_to_save") or []
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    if saved or "lm_head" in targets:
+        what = f"modules_to_save {saved}" if saved else "a LoRA on lm_head"
+        raise ConfigError(
+            f"serve.lora_adapters: {adapter} has {what}, which vLLM's LoRA serving does not apply: train with "
+            "model.lora.modules_to_save: [] (and no lm_head target), or serve the merged model (lora_adapters: false)"
+        )
+
+
+def build_llm_app(cfg: ServeConfig, models: dict[str, str], *, cache_dir: str | None = None,
+                  lora: dict | None = None):  # fmt: skip
+    """A Serve application: one vLLM deployment per served id plus the OpenAI ingress (0 CPUs). `lora`
+    ({"adapters": uri, "rank": r}) puts LoRA adapters on the BASE engine (served as "base:<name>")."""
     from ray import serve
     from ray.serve.llm import LLMConfig, build_llm_deployment
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
@@ -149,18 +240,23 @@ def build_llm_app(cfg: ServeConfig, models: dict[str, str], *, cache_dir: str | 
         raise ValueError("serve: no models to serve (pass {served_id: model folder})")
     device = resolve_device(cfg.device)
     cache = cache_dir or default_cache_dir()
-    configs = []
-    n_cpus = os.cpu_count() or 1  # the engines run on this node in the local (CPU) setups
+    configs, bind = [], engine_cores(cfg, list(models))
     for i, (model_id, source) in enumerate(models.items()):
-        local = Path(source).is_dir()
+        # A folder or a storage URI (ray.serve.llm downloads it to the replica's node) needs no hub.
+        local = is_remote(source) or Path(source).is_dir()
+        settings = _engine_settings(cfg, device, len(models))
+        if lora and model_id == BASE:
+            extra = _lora_settings(lora["adapters"], lora["rank"])
+            settings["engine_kwargs"] |= extra.pop("engine_kwargs")
+            settings |= extra
         configs.append(
             LLMConfig(
                 model_loading_config={
                     "model_id": model_id,
-                    "model_source": str(Path(source).resolve()) if local else source,
+                    "model_source": source if is_remote(source) else str(Path(source).resolve()) if local else source,
                 },
-                runtime_env={"env_vars": _env_vars(device, cache, local, cpu_cores(i, len(models), n_cpus))},
-                **_engine_settings(cfg, device, len(models)),
+                runtime_env={"env_vars": _env_vars(device, cache, local, bind[i])},
+                **settings,
             )
         )
     # Same wiring as ray.serve.llm.build_openai_app, except that we hand make_fastapi_ingress our
@@ -171,11 +267,14 @@ def build_llm_app(cfg: ServeConfig, models: dict[str, str], *, cache_dir: str | 
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)  # added last = runs first, before any routing
     options = OpenAiIngress.get_deployment_options(configs)
-    options["ray_actor_options"] = {"num_cpus": 0}
+    # The ingress lists adapters in storage itself (/v1/models): it needs the store's settings too.
+    options["ray_actor_options"] = {"num_cpus": 0, "runtime_env": {"env_vars": storage_env()}}
     ingress = make_fastapi_ingress(OpenAiIngress, app=app)
     return serve.deployment(ingress, **options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
         model_cards={c.model_id: model_card(c.model_id, c) for c in configs},
+        # where each base model's adapters live: the ingress lists them (/v1/models) and routes "base:<name>"
+        lora_paths={c.model_id: c.lora_config.dynamic_lora_loading_path for c in configs if c.lora_config},
     )
 
 
@@ -205,8 +304,11 @@ def start_server(
     detached: bool,
     cache_dir: str | None = None,
     address: str | None = None,
+    lora: dict | None = None,
+    adapters: tuple[str, ...] = (),
 ) -> str:
-    """Deploy the models, wait until /v1/models lists each id, and return the base URL (.../v1).
+    """Deploy the models, wait until /v1/models lists each id (and each "base:<name>" adapter in `adapters`,
+    with `lora` as build_llm_app takes it), and return the base URL (.../v1).
 
     Uses the Ray this process is connected to; else connects to `address` / RAY_ADDRESS ("auto" when
     detached: the app must outlive this driver, so it lives on an already running cluster) or, not
@@ -220,13 +322,17 @@ def start_server(
         ray.init(address=address or ("auto" if detached else None))
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run_many(
-        [serve.RunTarget(target=build_llm_app(cfg, models, cache_dir=cache_dir), name=APP_NAME, route_prefix="/")],
+        [
+            serve.RunTarget(
+                target=build_llm_app(cfg, models, cache_dir=cache_dir, lora=lora), name=APP_NAME, route_prefix="/"
+            )
+        ],  # fmt: skip
         wait_for_ingress_deployment_creation=False,
         wait_for_applications_running=False,
     )
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     url = f"http://{host}:{cfg.port}/v1"
-    api_key, want = resolve_api_key(cfg), set(models)
+    api_key, want = resolve_api_key(cfg), {*models, *adapters}
     deadline = time.monotonic() + cfg.ready_timeout_s
     while True:
         # The ingress answers /v1/models before the engines load: also wait for the app to run.

@@ -56,7 +56,10 @@ def varlen_attention(
             f"{VARLEN_ATTENTION} does not implement attention sinks (s_aux); set model.attn_implementation "
             "to sdpa (block-diagonal packing) or flash_attention_2"
         )
-    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    # Some layers pass their window as a kwarg (Mistral, Qwen2); others only hold it as an attribute and leave it
+    # to the mask transformers builds (Qwen2-MoE): this attention gets no mask, so it reads either.
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    softcap = kwargs.get("softcap")
     p = dropout if module.training else 0.0
     gqa = query.shape[1] != key.shape[1]
     segments = kwargs.get("cpo_segments")

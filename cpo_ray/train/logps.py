@@ -121,22 +121,28 @@ class PairScorer(torch.nn.Module):
 
 def verify_logps(model, collate, atol: float = 1e-4) -> float:
     """Start-up check: the trainer's packed, response-only-head log-probs of a probe batch equal
-    log_softmax(model(ids).logits) at the real tokens, one sequence at a time. Raises naming the architecture
-    otherwise (a head transform or an attention feature cpo-ray does not reproduce). Returns the max error."""
+    log_softmax(model(ids).logits) at the real tokens of the model's OWN eager forward (its eager attention,
+    with the masks transformers builds: sliding windows, soft-capping), one sequence at a time. The probe is
+    longer than a short sliding window, so a window cpo-ray's attention missed shows. Raises naming the
+    architecture otherwise (a head transform or an attention feature cpo-ray does not reproduce). Returns the
+    max error."""
     import numpy as np
 
+    from cpo_ray.compat import attn_implementation
     from cpo_ray.train.collate import as_batch
 
     hf = base_model(model)
-    vocab = hf.config.get_text_config().vocab_size
+    text = hf.config.get_text_config()
+    vocab, window = text.vocab_size, getattr(text, "sliding_window", None) or 0
+    long = min(max(7, window + 4), 256)  # past the window when the window is short
     rng = np.random.default_rng(0)
     ids = lambda n: rng.integers(3, vocab, n)  # noqa: E731
     rows = [  # two prompts, one rejected response and two
-        {PROMPT_IDS: ids(7), CHOSEN_IDS: ids(5), REJECTED_IDS: [ids(3)]},
-        {PROMPT_IDS: ids(4), CHOSEN_IDS: ids(2), REJECTED_IDS: [ids(6), ids(3)]},
+        {PROMPT_IDS: ids(long), CHOSEN_IDS: ids(5), REJECTED_IDS: [ids(3)]},
+        {PROMPT_IDS: ids(4), CHOSEN_IDS: ids(2), REJECTED_IDS: [ids(long + 2), ids(3)]},
     ]
     batch = as_batch(rows)
-    was_training = model.training
+    was_training, trained_attn = model.training, attn_implementation(hf)
     model.eval()
     with torch.no_grad():
         got, _ = sequence_logps(model, collate(batch))
@@ -144,17 +150,21 @@ def verify_logps(model, collate, atol: float = 1e-4) -> float:
         seqs = [(r[PROMPT_IDS], r[CHOSEN_IDS]) for r in rows] + [
             (r[PROMPT_IDS], x) for r in rows for x in r[REJECTED_IDS]
         ]
-        for p, resp in seqs:
-            full = torch.from_numpy(np.concatenate([p, resp]))[None].to(next(model.parameters()).device)
-            logp = torch.log_softmax(model(input_ids=full, use_cache=False).logits[0].float(), -1)
-            pos = torch.arange(len(p), full.shape[1], device=full.device)
-            want.append(logp[pos - 1, full[0, pos]].sum())
+        hf.set_attn_implementation("eager")  # the reference is the architecture's own attention, not ours
+        try:
+            for p, resp in seqs:
+                full = torch.from_numpy(np.concatenate([p, resp]))[None].to(next(model.parameters()).device)
+                logp = torch.log_softmax(model(input_ids=full, use_cache=False).logits[0].float(), -1)
+                pos = torch.arange(len(p), full.shape[1], device=full.device)
+                want.append(logp[pos - 1, full[0, pos]].sum())
+        finally:
+            hf.set_attn_implementation(trained_attn)
     model.train(was_training)
     err = float((got.cpu() - torch.stack(want).cpu()).abs().max())
     if not err <= atol * max(len(p) + len(r) for p, r in seqs):
         raise ValueError(
             f"{type(hf).__name__} ({hf.config.model_type}): cpo-ray's packed log-probs differ from the model's own "
-            f"forward by {err:.3g} nats on a probe batch; its head or attention does something cpo-ray does not "
-            "reproduce. Try model.attn_implementation: sdpa, or train.packing: false"
+            f"eager forward by {err:.3g} nats on a probe batch; its head or attention does something cpo-ray does "
+            "not reproduce. Try model.attn_implementation: sdpa, or train.packing: false"
         )
     return err

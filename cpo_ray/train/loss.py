@@ -87,15 +87,20 @@ def cpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-def nll_from_token_logps(token_logp_sum: Tensor, token_count: Tensor) -> Tensor:
+def nll_from_token_logps(token_logp_sum: Tensor, token_count: Tensor, denominator: float | None = None) -> Tensor:
     """Token-mean cross-entropy of the chosen responses: -sum(logp) / sum(count) over the whole batch.
 
     ``token_logp_sum``: [B] summed log-probs of the chosen response tokens; ``token_count``: [B] their numbers.
     This is TRL's ``nn.CrossEntropyLoss()`` (mean over every non-ignored label of the chosen half of the batch),
     i.e. each token weighs the same, not each sequence. A batch with no tokens gives 0 (TRL would give NaN).
+    ``denominator`` replaces this batch's own token count: the trainer passes the WHOLE step's chosen tokens
+    (all micro-batches, all ranks) scaled by the number of micro-batches averaged, so that any split of a step
+    gives the gradient of one token mean over the step (cpo_ray.train.worker).
     """
-    total = token_count.sum().to(token_logp_sum.dtype)
-    return -token_logp_sum.sum() / total.clamp_min(1)
+    total = token_count.sum().to(token_logp_sum.dtype) if denominator is None else denominator
+    if denominator is None:
+        return -token_logp_sum.sum() / total.clamp_min(1)
+    return -token_logp_sum.sum() / max(float(total), 1e-12)
 
 
 def infonce_loss(chosen_logps: Tensor, rejected_logps: Tensor, rejected_group: Tensor, beta: float) -> Tensor:
@@ -191,7 +196,9 @@ class Objective(torch.nn.Module):
         """From a cpo_ray.config.TrainConfig (whose validator already resolved alphapo's cpo_alpha)."""
         return cls(t.loss_type, t.beta, t.cpo_alpha, t.label_smoothing, t.simpo_gamma, t.alpha, t.length_normalize)
 
-    def forward(self, logps: PolicyLogps) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, logps: PolicyLogps, nll_denominator: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """`nll_denominator`: what the chosen NLL's summed log-probs are divided by (nll_from_token_logps);
+        None = this batch's own chosen tokens (one batch = one step)."""
         n, group, beta = logps.num_prompts, logps.rejected_group, self.beta
         if self.averaged:
             chosen = logps.chosen / logps.chosen_len.to(logps.chosen.dtype)
@@ -219,7 +226,7 @@ class Objective(torch.nn.Module):
         if self.cpo_alpha == 0:
             nll = torch.zeros((), dtype=per_prompt.dtype, device=per_prompt.device)
         else:
-            nll = nll_from_token_logps(logps.chosen, logps.chosen_len)
+            nll = nll_from_token_logps(logps.chosen, logps.chosen_len, nll_denominator)
         loss = per_prompt.mean() + self.cpo_alpha * nll
         hardest = torch.full_like(chosen_rewards, float("-inf")).scatter_reduce(
             0, group, rejected_rewards, reduce="amax"
@@ -239,10 +246,11 @@ class Objective(torch.nn.Module):
         return loss, {k: values[k] for k in METRIC_KEYS}
 
     @staticmethod
-    def sft(logps: PolicyLogps) -> tuple[Tensor, dict[str, Tensor]]:
+    def sft(logps: PolicyLogps, nll_denominator: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The warm-start phase (train.sft_steps): NLL of the chosen responses only, token-mean cross-entropy as
-        in the objective's second term. Preference metrics have no value here: NaN (left out of metrics.jsonl)."""
-        nll = nll_from_token_logps(logps.chosen, logps.chosen_len)
+        in the objective's second term (the same `nll_denominator`). Preference metrics have no value here:
+        NaN (left out of metrics.jsonl)."""
+        nll = nll_from_token_logps(logps.chosen, logps.chosen_len, nll_denominator)
         nan = torch.full((), float("nan"), dtype=nll.dtype, device=nll.device)
         values = {k: nan for k in METRIC_KEYS}
         values |= {"loss": nll.detach(), "nll_loss": nll.detach(), "logps/chosen": logps.chosen.detach().mean()}

@@ -18,6 +18,12 @@ def micro_batches(shard, tc, start_epoch: int, skip: int, rank: int):
     """(epoch, index in epoch, raw micro-batch) from start_epoch to tc.epochs, skipping `skip` at the start."""
     group = max(1, tc.group_by_length)
     for epoch in range(start_epoch, tc.epochs):
+        if not tc.shuffle:  # file order: the stream's own order, cut into micro-batches (a short tail dropped)
+            for i, raw in enumerate(shard.iter_batches(batch_size=tc.micro_batch_size, batch_format="numpy",
+                                                      drop_last=True)):  # fmt: skip
+                if epoch > start_epoch or i >= skip:
+                    yield epoch, i, raw
+            continue
         batches = shard.iter_batches(
             batch_size=tc.micro_batch_size * group,
             batch_format="numpy",
@@ -33,6 +39,17 @@ def micro_batches(shard, tc, start_epoch: int, skip: int, rank: int):
             if epoch == start_epoch and i < skip:
                 continue  # resume: trained before the checkpoint
             yield epoch, i, raw
+
+
+def optimizer_steps(stream, grad_accum: int):
+    """The micro-batch stream in optimizer steps: lists of grad_accum (epoch, index, raw) items (a step may span
+    an epoch boundary; a trailing partial step, which total_steps never counts, is not yielded)."""
+    step = []
+    for item in stream:
+        step.append(item)
+        if len(step) == grad_accum:
+            yield step
+            step = []
 
 
 def steps_per_epoch(rows: int, world: int, micro_batch_size: int, grad_accum: int) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 import time
 import zlib
@@ -21,9 +20,10 @@ import torch
 
 from cpo_ray.config import Config
 from cpo_ray.contract import (
-    CHECKPOINT_METRICS,
-    CHECKPOINT_STATE,
+    ADAPTER,
+    CHOSEN_IDS,
     EVAL,
+    FINAL,
     METRIC_KEYS,
     PAIR_COLUMNS,
     PHASE_KEYS,
@@ -33,7 +33,7 @@ from cpo_ray.contract import (
 )
 from cpo_ray.train.collate import chosen_only
 from cpo_ray.train.loss import Objective, PolicyLogps
-from cpo_ray.train.runstate import append_row, resume
+from cpo_ray.train.runstate import resume, save_state
 
 
 def train_loop(config: dict) -> None:
@@ -62,74 +62,89 @@ class WorkerRun:
     def __init__(self, config: dict):
         import ray.train
 
-        from cpo_ray.compat import disable_deepspeed_backward_allreduce, quiet_ray_train_report_logs
+        from cpo_ray.compat import quiet_ray_train_report_logs
+        from cpo_ray.model_source import loadable
+        from cpo_ray.train.heldout import load_heldout_rows
+
+        quiet_ray_train_report_logs()
+        cfg = Config.model_validate(config["cfg"])  # the driver anchored its folders
+        self.paths, self.log = RunPaths.of(cfg), config["run_log"]
+        ctx = ray.train.get_context()
+        model_path = loadable(config["model_path"])  # a node-local copy when the model is in storage
+        self.setup(cfg, model_path, ctx.get_world_rank(), ctx.get_world_size(), config["total_steps"])
+        self.state = resume(self.engine, self.log, self.rank, self.tc, self.total, cfg.model.lora.enabled)
+        # The same answer on every rank (ZeRO-3 scoring is collective): is there a held-out split?
+        self.has_heldout = has_rows(self.paths.split_dir(EVAL))
+        self.heldout_rows = load_heldout_rows(self.paths.split_dir(EVAL), self.rank, self.world)
+
+    def setup(self, cfg: Config, model_path: str, rank: int, world: int, total: int) -> None:
+        """What a training step needs, in a process group of `world` ranks (Ray Train's, or any torch one):
+        the engine, collate, objective and the ZeRO-0 gradient sync."""
+        from cpo_ray.compat import disable_deepspeed_backward_allreduce
         from cpo_ray.model_source import load_tokenizer
         from cpo_ray.train.engine import build_engine
         from cpo_ray.train.gradsync import OverlappedGradSync
-        from cpo_ray.train.heldout import load_heldout_rows
         from cpo_ray.train.model import torch_dtype
 
-        quiet_ray_train_report_logs()
-        cfg = self.cfg = Config.model_validate(config["cfg"])  # the driver anchored its folders
-        tc = self.tc = cfg.train
-        self.paths, self.total, self.model_path = RunPaths.of(cfg), config["total_steps"], config["model_path"]
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.cfg, self.tc, self.model_path = cfg, cfg.train, model_path
+        self.rank, self.world, self.total = rank, world, total
+        tc = self.tc
         torch.set_num_threads(tc.torch_threads or max(1, int(tc.cpus_per_worker)))
         torch.manual_seed(tc.seed + self.rank)
-        self.pad_id = load_tokenizer(self.model_path, cfg.model.trust_remote_code).pad_token_id or 0
+        self.pad_id = load_tokenizer(model_path, cfg.model.trust_remote_code).pad_token_id or 0
         self.objective = Objective.from_config(tc)
-
         use_gpu = tc.use_gpu and torch.cuda.is_available()
         self.engine, self.scheduler, self.clip_in_loop, self.collate = build_engine(
-            cfg, self.model_path, self.world, self.total, use_gpu, self.pad_id
+            cfg, model_path, world, total, use_gpu, self.pad_id
         )
         self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
         # ZeRO-0 data parallel: our overlapped all-reduce replaces DeepSpeed's post-backward one (fp32
         # only: DeepSpeed's bf16/fp16 optimizers keep their own gradient buffers).
         self.grad_sync = None
         fp32 = torch_dtype(cfg, use_gpu) == torch.float32
-        if tc.overlap_grad_sync and tc.zero_stage == 0 and self.world > 1 and fp32:
-            self.grad_sync = OverlappedGradSync(self.engine.module.parameters(), self.world)
+        if tc.overlap_grad_sync and tc.zero_stage == 0 and world > 1 and fp32:
+            self.grad_sync = OverlappedGradSync(self.engine.module.parameters(), world)
             disable_deepspeed_backward_allreduce(self.engine)
-        self.state = resume(self.engine, self.paths, self.rank, tc, self.total)
-        # The same answer on every rank (ZeRO-3 scoring is collective): is there a held-out split?
-        self.has_heldout = has_rows(self.paths.split_dir(EVAL))
-        self.heldout_rows = load_heldout_rows(self.paths.split_dir(EVAL), self.rank, self.world)
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
         # Kept across epochs, as is DeepSpeed's accumulation, when a step spans an epoch boundary.
-        self.sums = StepSums(self.world, self.engine.device)
+        self.sums = StepSums(world, self.engine.device)
         # Seconds per phase of this rank's step (summed over micro-batches): data wait + collate, forward +
         # loss, backward (DeepSpeed's own gradient reduction included), the wait for our overlapped
         # all-reduce (ZeRO-0), optimizer step, metrics all-reduce.
         self.phase = dict.fromkeys(PHASE_KEYS, 0.0)
         self.grad_norm = 0.0
+        self.start = self.window_start = time.time()
+        self.lap_start = time.perf_counter()
 
     def train(self) -> None:
         import ray.train
 
-        from cpo_ray.train.microbatches import micro_batches
+        from cpo_ray.train.microbatches import micro_batches, optimizer_steps
 
         tc, state = self.tc, self.state
-        step = self.start_step = state["step"]
+        step = state["step"]
         self.start = self.window_start = time.time()
         metrics: dict = self.heldout(step) if step == 0 else {}
         if self.rank == 0 and metrics:  # the base model's held-out score: the curve's first point
-            append_row(self.paths.metrics, {"step": 0, **metrics})
+            self.log.append.remote("metrics", {"step": 0, **metrics})
         self.engine.train()  # from_pretrained returns eval mode: LoRA dropout and checkpointing need train mode
         self.lap_start = time.perf_counter()
         shard = ray.train.get_dataset_shard(TRAIN)
-        for epoch, i, raw in micro_batches(shard, tc, state["epoch"], state["batch_in_epoch"], self.rank):
-            boundary = self.micro_step(raw)
-            state.update(epoch=epoch, batch_in_epoch=i + 1)
-            if not boundary:
-                continue
+        stream = micro_batches(shard, tc, state["epoch"], state["batch_in_epoch"], self.rank)
+        for micro in optimizer_steps(stream, tc.grad_accum) if step < self.total else ():  # finished: nothing
+            # The chosen NLL is one token mean over the WHOLE step: its denominator is known before the first
+            # backward, so every split of the step (ranks x micro-batches) gives the one-device gradient.
+            denominator = self.nll_denominator([raw for _, _, raw in micro])
+            for epoch, i, raw in micro:
+                self.micro_step(raw, denominator)
+                state.update(epoch=epoch, batch_in_epoch=i + 1)
             step += 1
             state["step"] = step
             metrics = self.step_metrics(step)
             if tc.eval_every and step % tc.eval_every == 0 and step < self.total:
                 metrics.update(self.heldout(step))
-            if self.rank == 0:  # the driver follows metrics.jsonl for the console (cpo_ray.train.progress)
-                append_row(self.paths.metrics, metrics)
+            if self.rank == 0:  # through Ray to the driver's console and the run's storage (cpo_ray.train.runlog)
+                self.log.append.remote("metrics", metrics)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < self.total:
                 self.checkpoint(metrics)
             elif step % tc.report_every == 0 or "eval/accuracy" in metrics:
@@ -141,10 +156,24 @@ class WorkerRun:
         metrics.update(self.heldout(step))
         metrics["step"] = step
         if self.rank == 0:
-            append_row(self.paths.metrics, {**metrics, "final": True})
-        self.checkpoint(metrics, final=True)
+            self.log.append.remote("metrics", {**metrics, "final": True})
+        if self.tc.select_by is None:  # else the best evaluation was exported when it happened
+            self.export()
+        self.checkpoint(metrics)
 
-    def micro_step(self, raw: dict) -> bool:
+    def nll_denominator(self, raws: list[dict]) -> float:
+        """What each micro-batch divides its chosen log-probs by: the step's chosen tokens on ALL ranks (one
+        all_reduce of a count, before the first backward) over the grad_accum x world micro-batches that
+        DeepSpeed and the gradient sync average. Sum over those = the step's token-mean NLL, however split."""
+        import torch.distributed as dist
+
+        tokens = torch.tensor([float(sum(len(c) for raw in raws for c in raw[CHOSEN_IDS]))], dtype=torch.float64)
+        if self.world > 1:
+            tokens = tokens.to(self.engine.device)
+            dist.all_reduce(tokens)
+        return tokens.item() / (self.tc.grad_accum * self.world)
+
+    def micro_step(self, raw: dict, nll_denominator: float) -> bool:
         """Collate, forward + loss, backward, optimizer step (DeepSpeed steps on boundaries only); returns
         whether this micro-batch ended an optimizer step."""
         engine, tc = self.engine, self.tc
@@ -157,7 +186,8 @@ class WorkerRun:
         # One packed forward of the micro-batch's B + R sequences, through DeepSpeed's root module.
         logp, count = engine(batch)
         logps = PolicyLogps.split(logp, count, batch["num_chosen"], batch["rejected_group"])
-        loss, values = self.objective.sft(logps) if sft else self.objective(logps)
+        objective = self.objective.sft if sft else self.objective
+        loss, values = objective(logps, nll_denominator)
         self._lap("time/forward_s")
         # Asked before step(): DeepSpeed's answer afterwards is about the NEXT micro-batch.
         boundary = engine.is_gradient_accumulation_boundary()
@@ -229,28 +259,54 @@ class WorkerRun:
         scores, per_pair = score_heldout(
             self.engine, self.heldout_rows, self.tc.eval_batch_size, self.collate, self.pad_id, self.world
         )
-        if self.rank == 0 and per_pair:
+        if self.rank == 0 and per_pair:  # straight to the run's storage, from whichever node rank 0 is on
             self.paths.heldout_scores.write_text(json.dumps({"step": step, **scores, "pairs": per_pair}))
+        self.select(step, scores)
         return scores
 
-    def checkpoint(self, metrics: dict, final: bool = False) -> None:
-        """Every rank saves its DeepSpeed shard and reports it; the final one also carries the export."""
+    def select(self, step: int, scores: dict) -> None:
+        """train.select_by: when the held-out metric improves on every earlier evaluation, export now (all ranks:
+        a collective under ZeRO-3) and record which step was picked and why (events.jsonl, the checkpoint)."""
+        key, mode = self.tc.select_by, self.tc.select_mode
+        if key is None:
+            return
+        best, value = self.state.get("best"), scores[key]
+        if best is not None and not (value > best["value"] if mode == "max" else value < best["value"]):
+            return
+        self.export()
+        self.state["best"] = {"step": step, "metric": key, "mode": mode, "value": value}
+        if self.rank == 0:
+            self.log.append.remote("events", {"event": "selected", "time": time.time(), **self.state["best"]})
+
+    def checkpoint(self, metrics: dict) -> None:
+        """Every rank saves its DeepSpeed shard and RNG states, and Ray Train uploads it from this node to the
+        run's storage; rank 0 adds the step and data position. The run log is flushed first, so the metrics
+        of every step the checkpoint covers are on storage when it is committed."""
+        import ray
         import ray.train
 
+        if self.rank == 0:
+            ray.get(self.log.flush.remote())
         with tempfile.TemporaryDirectory() as tmp:
-            self.engine.save_checkpoint(tmp, tag="ckpt")
-            if self.rank == 0:
-                (Path(tmp) / CHECKPOINT_STATE).write_text(json.dumps(self.state))
-            if final:
-                from cpo_ray.train.model import export_model
-
-                export_model(self.engine, self.cfg, self.model_path, Path(tmp), self.rank)
-                if self.rank == 0 and self.paths.metrics.exists():
-                    shutil.copy(self.paths.metrics, Path(tmp) / CHECKPOINT_METRICS)
+            # LoRA: the frozen base is the model on disk, so only trained weights go in (MB, not GB, per rank)
+            self.engine.save_checkpoint(tmp, tag="ckpt", exclude_frozen_parameters=self.cfg.model.lora.enabled)
+            save_state(Path(tmp), self.state, self.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             # Wait until the controller has committed it: otherwise workers run ahead and a crash in
             # the next seconds restarts from the previous checkpoint (or from scratch).
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+    def export(self) -> None:
+        """The merged model and the LoRA adapter, published by rank 0 to the run's storage (final/, adapter/):
+        what serving and evaluation load, on whatever node they run. Collective under ZeRO-3."""
+        from cpo_ray.train.model import export_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export_model(self.engine, self.cfg, self.model_path, Path(tmp), self.rank)
+            if self.rank == 0:
+                self.paths.final.publish_from(Path(tmp) / FINAL, marker="config.json")
+                if (Path(tmp) / ADAPTER).exists():
+                    self.paths.adapter.publish_from(Path(tmp) / ADAPTER, marker="adapter_config.json")
 
     def _lap(self, key: str) -> None:
         now = time.perf_counter()

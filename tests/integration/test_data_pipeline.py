@@ -21,7 +21,7 @@ def cfg_for(tmp_path, files, **over):
 
 def test_every_format_prepares(ray_local, tiny_model_dir, tmp_path):
     files = sorted(str(p) for p in (ASSETS / "formats").glob("*.jsonl"))
-    cfg = cfg_for(tmp_path, files, **{"data.max_length": 4096})
+    cfg = cfg_for(tmp_path, files, **{"data.max_length": 4096, "model.tiny.max_position_embeddings": 8192})
     rep = prepare(cfg, tiny_model_dir)
     lines = sum(len(Path(f).read_text().splitlines()) for f in files)
     assert rep["rows_read"] == rep["rows_kept"] == lines

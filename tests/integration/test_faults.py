@@ -1,4 +1,5 @@
-"""Faults survived: a training worker killed mid-run, and the driver killed mid-run then re-run.
+"""Faults survived: a training worker killed mid-run, and the driver killed mid-run then re-run (LoRA with
+dropout: the replayed steps must repeat their dropout masks too).
 
 Both are real SIGKILLs of real processes; the driver test also leaves a torn (half-written, newest)
 checkpoint directory behind, which resume must ignore in favour of the last complete one. The run checkpoints every 5 steps; after the restart the
@@ -36,9 +37,12 @@ SMALL = [
     "train.eval_every=0",
     "train.warmup_steps=2",
     "train.max_failures=2",
-    "model.lora.enabled=false",
+    # LoRA with dropout (the library default is 0.05): replayed steps must draw the same masks (RNG states
+    # restored from the checkpoint per rank), or their losses differ.
+    "model.lora.enabled=true",
+    "model.lora.dropout=0.1",
     "model.lora.modules_to_save=[]",
-    "train.lr=1e-3",
+    "train.lr=3e-3",
     "model.tiny.hidden_size=64",
     "model.tiny.num_hidden_layers=2",
     "model.tiny.intermediate_size=128",

@@ -182,7 +182,7 @@ def test_resume_continues_step_optimizer_and_schedule(ray_local, tmp_path):
     event = json.loads((Path(cfg2.output_dir) / "events.jsonl").read_text().splitlines()[-1])
     assert event["event"] == "resume" and event["step"] == 12
     assert event["changed"] == {"lr": [1e-3, 2e-3], "total_steps": [12, 20]}
-    ckpt = Path(RunPaths.of(cfg2).storage_path) / "resume"
+    ckpt = RunPaths.of(cfg2).storage.local / "resume"
     states = sorted(ckpt.glob("checkpoint_*/cpo_state.json"))
     last = json.loads(states[-1].read_text())
     assert last["step"] == 20
@@ -237,3 +237,31 @@ def test_sft_warm_start_then_cpo_resumes_on_both_sides_of_the_switch(ray_local, 
     assert all("rewards/accuracies" in r and r["loss"] != r["nll_loss"] for r in rows[6:])
     events = [json.loads(x) for x in (Path(cfg3.output_dir) / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "resume"] == [4, 10]
+
+
+def test_file_order_stream_keeps_the_order_and_resumes_exactly(ray_local):
+    """train.shuffle=false: micro-batches in the stream's own order every epoch (a short tail dropped), and a
+    resume that skips k micro-batches continues with exactly the ones the uninterrupted run trained next."""
+    import ray
+
+    from cpo_ray.train.microbatches import micro_batches
+
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True  # as train_stream
+    try:
+        rows = [{"prompt_ids": [i], "chosen_ids": [i, 1], "rejected_ids": [[i, 2]]} for i in range(23)]
+        ds = ray.data.from_items(rows, override_num_blocks=4)
+        over = ["train.shuffle=false", "train.group_by_length=0", "train.micro_batch_size=4", "train.epochs=2"]
+        tc = load_config(None, over).train
+
+        def tags(stream):
+            return [(e, i, [int(p[0]) for p in raw["prompt_ids"]]) for e, i, raw in stream]
+
+        whole = tags(micro_batches(ds.iterator(), tc, 0, 0, 0))
+        for epoch in (0, 1):
+            mine = [t for e, _, ts in whole if e == epoch for t in ts]
+            assert mine == list(range(20))  # file order; 23 % 4 = 3 rows left out
+        assert tags(micro_batches(ds.iterator(), tc, 0, 3, 0)) == whole[3:]
+        assert tags(micro_batches(ds.iterator(), tc, 1, 2, 0)) == whole[5 + 2 :]
+    finally:
+        ctx.execution_options.preserve_order = saved

@@ -25,7 +25,7 @@ from cpo_ray.contract import RunPaths
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 GPU_CONFIGS = [p for p in CONFIGS if "cpu" not in p.stem]  # naming rule: CPU configs say "cpu" in their name
-SHARED = "/mnt/cluster_storage"  # the mount both launchers provide; multi-node outputs must live under it
+STORE = ("s3://", "gs://")  # multi-node outputs live in object storage: the launchers provide no shared disk
 GPUS_PER_INSTANCE = {"g5.12xlarge": 4, "p4d.24xlarge": 8}  # AWS spec sheets
 
 
@@ -100,7 +100,15 @@ def test_cluster_image_matches_the_pinned_ray_and_python(cluster):
     image = cluster["docker"]["image"]
     assert image.startswith(f"rayproject/ray:{ray.__version__}-py311-"), image  # pyproject: ray==, python 3.11
     assert image.endswith("gpu"), image
-    assert any(f"{SHARED}:{SHARED}" in o for o in cluster["docker"]["run_options"])
+
+
+def test_cluster_shares_no_disk_and_every_node_may_reach_the_bucket(cluster):
+    """Object storage only: no NFS/EFS mount; each node type carries the instance profile the SDKs take their
+    credentials from (the configs hold none)."""
+    text = yaml.safe_dump(cluster)
+    assert "nfs" not in text.lower() and not cluster.get("initialization_commands")
+    types = cluster["available_node_types"].values()
+    assert all("IamInstanceProfile" in t["node_config"] for t in types)
 
 
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=[p.name for p in GPU_CONFIGS])
@@ -147,29 +155,29 @@ def test_rayjob_entrypoint_runs_the_pipeline_on_a_shipped_gpu_config(rayjob):
     config = argv[argv.index("--config") + 1]
     assert (ROOT / config).is_file(), config
     cfg = load_config(ROOT / config)
-    assert cfg.train.use_gpu and cfg.output_dir.startswith(SHARED + "/")
+    assert cfg.train.use_gpu and cfg.output_dir.startswith(STORE)
 
 
-def test_rayjob_runtime_env_and_volumes_are_consistent(rayjob):
+def test_rayjob_runtime_env_volumes_and_credentials_are_consistent(rayjob):
+    """Every pod gets the object store's credentials from the Secret (no shared volume at all), and every
+    volume a container mounts exists."""
     job, docs = rayjob
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert set(env) <= RuntimeEnv.known_fields, set(env) - RuntimeEnv.known_fields
     RuntimeEnv(**env)
-    claims = {d["metadata"]["name"] for d in docs if d.get("kind") == "PersistentVolumeClaim"}
+    assert not [d for d in docs if d.get("kind") == "PersistentVolumeClaim"]
+    secrets = {d["metadata"]["name"] for d in docs if d.get("kind") == "Secret"}
     cluster = job["spec"]["rayClusterSpec"]
     for pod in [
         cluster["headGroupSpec"]["template"]["spec"],
         *(g["template"]["spec"] for g in cluster["workerGroupSpecs"]),
     ]:
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        assert not any("persistentVolumeClaim" in v for v in volumes.values())
         for c in pod["containers"]:
-            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
-            assert SHARED in mounts, c["name"]  # the config's output_dir must be visible in every pod
-            for name in mounts.values():
-                assert name in volumes, (c["name"], name)
-        for v in volumes.values():
-            if "persistentVolumeClaim" in v:
-                assert v["persistentVolumeClaim"]["claimName"] in claims
+            assert {e["secretRef"]["name"] for e in c.get("envFrom", [])} & secrets, c["name"]
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in volumes, (c["name"], m["name"])
 
 
 # ---------------------------------------------------------------- runtime_env.yaml
@@ -211,8 +219,8 @@ def test_gpu_config_trains_and_serves_a_hub_model_on_gpu(path):
     assert cfg.serve.device == "gpu" and not cfg.serve.enforce_eager and cfg.serve.dtype == "bfloat16"
     assert cfg.serve.max_model_len >= cfg.data.max_length
     assert cfg.data.train_files and cfg.data.synthetic is None
-    assert cfg.output_dir.startswith(SHARED + "/"), "multi-node outputs must be on the shared mount"
-    assert RunPaths.of(cfg).storage_path.startswith((SHARED + "/", "s3://", "gs://")), RunPaths.of(cfg).storage_path
+    assert cfg.output_dir.startswith(STORE), "multi-node outputs must be in object storage"
+    assert RunPaths.of(cfg).storage.uri.startswith(STORE), RunPaths.of(cfg).storage
     assert (cfg.train.beta, cfg.train.cpo_alpha) == (0.1, 1.0)  # CPO paper defaults
 
 

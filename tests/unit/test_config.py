@@ -51,3 +51,21 @@ def test_cross_field_rules():
         load_config(None, ["train.offload_params=true", "train.zero_stage=2"])
     with pytest.raises(ConfigError, match="alphapo"):
         load_config(None, ["train.loss_type=alphapo"])
+
+
+def test_max_model_len_is_derived_from_max_length_and_generation_and_checked():
+    """Issue 21: data.max_length 1024 with serve.max_model_len 1024 made a full-length pair unscoreable (vLLM
+    clamps max_tokens=1 to 0). Derived by default; too short is an error naming both keys."""
+    cfg = load_config(None)
+    assert cfg.serve.max_model_len == cfg.data.max_length + cfg.eval.max_new_tokens == 1088
+    assert load_config(None, ["data.max_length=200", "eval.max_new_tokens=0"]).serve.max_model_len == 201
+    with pytest.raises(ConfigError, match=r"serve\.max_model_len=1024 is shorter than data\.max_length=1024"):
+        load_config(None, ["serve.max_model_len=1024"])
+    with pytest.raises(ConfigError, match="max_position_embeddings=256"):
+        load_config(None, ["model.tiny.max_position_embeddings=256", "data.max_length=300"])
+
+
+def test_file_order_and_length_grouping_exclude_each_other():
+    assert not load_config(None, ["train.shuffle=false", "train.group_by_length=0"]).train.shuffle
+    with pytest.raises(ConfigError, match=r"train\.shuffle=false .* train\.group_by_length=16"):
+        load_config(None, ["train.shuffle=false"])

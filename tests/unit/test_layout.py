@@ -1,7 +1,8 @@
 """The package's shape: stages import downward only, no cycles, pure modules stay pure, private APIs stay in compat.
 
-Layers, lowest first: the shared core (contract, config, compat, console, the model sources), then the stages
-(data; train, which reads data's stream; serve; eval), then what composes them (pipeline, cli, report). A module
+Layers, lowest first: the shared core (contract, config, compat, console, storage, tracking, the model sources),
+then the stages (data; train, which reads data's stream; serve; eval), then what composes them (pipeline, iterate,
+sweep, cli, report). A module
 may import its own layer's modules and lower layers, never a higher or a sibling stage, at module level or
 inside a function.
 """
@@ -18,8 +19,19 @@ import pytest
 from conftest import ROOT
 
 PKG = ROOT / "cpo_ray"
-CORE = {"contract", "config", "compat", "console", "embedded", "gguf", "model_source", "storage"}
-TOP = {"pipeline", "cli", "report"}
+CORE = {
+    "contract",
+    "config",
+    "compat",
+    "console",
+    "embedded",
+    "gguf",
+    "model_source",
+    "storage",
+    "devcluster",
+    "tracking",
+}
+TOP = {"pipeline", "cli", "report", "iterate", "sweep"}
 # stage -> the stages it may import besides the core
 STAGES = {"data": set(), "train": {"data"}, "serve": set(), "eval": set()}
 

@@ -58,8 +58,6 @@ def _fake_run(tmp_path):
         [f"output_dir={tmp_path / 'run'}", f"data.output_dir={tmp_path / 'elsewhere' / 'data'}", f"eval.output_dir={tmp_path / 'evals'}"],
     )  # fmt: skip
     paths = RunPaths.of(cfg)
-    for d in (paths.output_dir, paths.data_dir, paths.eval_dir):
-        d.mkdir(parents=True)
     split = {
         "rows_read": 10, "rows_kept": 9, "rows_rejected": 1, "rejected_by_reason": {"not_string": 1},
         "examples": {"not_string": ["shard.jsonl:4: chosen: 'chosen' must be a string, got int"]},

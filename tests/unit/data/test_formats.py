@@ -242,6 +242,8 @@ def test_unknown_format_name_is_a_config_error(tok):
 class MisTemplate:
     """A chat template whose generation prompt is not a prefix of the rendered dialogue."""
 
+    chat_template = "[role]content[end]"
+
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
         body = "".join(f"[{m['role']}]{m['content']}" for m in messages)
         return body + ("[assistant]" if add_generation_prompt else "") + "[end]"

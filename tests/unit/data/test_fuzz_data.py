@@ -82,7 +82,9 @@ def run_file(udf, path: Path) -> list[dict]:
     """read_file -> Tokenize for every batch; the rows out, in order."""
     rows: list[dict] = []
     for batch in read_file({"path": [str(path)]}):
-        assert set(batch) == {"source", "raw"} and len(batch["source"]) == len(batch["raw"])
+        assert set(batch) == {"source", "raw", "file_index", "record"}
+        assert len({len(v) for v in batch.values()}) == 1
+        assert batch["record"] == sorted(batch["record"])  # in file order: the prepared shards' order key
         table = udf(batch)  # must never raise
         assert table.schema == OUT_SCHEMA and table.num_rows == len(batch["source"])
         rows += table.to_pylist()
@@ -722,3 +724,16 @@ def test_split_negatives_writes_one_row_per_rejected_response():
     assert [r["rejected_ids"] for r in out] == [[[7, 2]], [[8, 2]], [[9, 2]], [[5, 2]]]
     assert [r["source"] for r in out] == ["f:1", "f:1", "f:1", "f:2"] and out[3]["truncated"]
     assert all(r["chosen_ids"] == [6, 2] for r in out[:3])
+
+
+@pytest.mark.parametrize("chunk", range(1, 12))
+def test_json_array_scalars_cut_at_any_chunk_boundary_are_counted_rejects(udf, workdir, monkeypatch, chunk):
+    """Issue 21: "1e" | "+20" scanned as the number 1 then a stray "e": the file ended in a DataError. Every
+    top-level scalar (numbers with exponents, strings, literals) is a counted not_an_object reject, whatever
+    the chunk boundary cuts."""
+    good = {"prompt": "q", "chosen": "yes", "rejected": "no"}
+    path = _file(workdir, ".json")
+    path.write_text("[1e+20, -2.5E-3, 12345678901234567890, " + json.dumps(good) + ', "text", true, null, 7]')
+    monkeypatch.setattr(_ArrayReader, "CHUNK", chunk)
+    rows = run_file(udf, path)
+    assert [r["reason"] for r in rows] == ["not_an_object"] * 3 + [None] + ["not_an_object"] * 4

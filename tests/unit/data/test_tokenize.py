@@ -197,3 +197,26 @@ def test_truncation_drops_whole_turns_with_a_chat_template(chatml_tokenizer):
     cut = row(tok, p, "seven<|im_end|>", "twelve<|im_end|>", max_length=40)
     assert tok.decode(cut["prompt_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
     assert tok.decode(cut["prompt_ids"]).endswith("<|im_start|>assistant\n")
+
+
+def test_a_tokenizer_without_chat_template_is_one_config_error_not_rejects(tmp_path):
+    """Issue 21: message-list rows under a template-less tokenizer became one bad_record reject per row; now
+    the tokenizer actor stops with ONE ConfigError, and prepare refuses data.chat_template before reading."""
+    from cpo_ray.config import ConfigError, load_config
+    from cpo_ray.data.prepare import Tokenize, prepare
+    from cpo_ray.embedded import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "tok")
+    udf = Tokenize(str(tmp_path / "tok"), load_config(None).data.model_dump())
+    row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}]}  # fmt: skip
+    with pytest.raises(ConfigError, match="has no chat template"):
+        udf({"source": ["f:1"], "raw": [json.dumps(row)]})
+    explicit = {"source": ["f:1"], "raw": [json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})]}
+    assert udf(explicit).column("reason").to_pylist() == [None]  # plain text still fine
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "data.chat_template=true",
+                             f"data.train_files=[{tmp_path / 'missing.jsonl'}]"])  # fmt: skip
+    with pytest.raises(ConfigError, match="has no chat template"):  # before any file is even looked at
+        prepare(cfg, str(tmp_path / "tok"))

@@ -39,12 +39,31 @@ def test_engine_settings_cpu_and_gpu(monkeypatch):
     from cpo_ray.serve.app import cpu_cores
 
     # two models on 2 cores: one core each (scored at once); one model: both; 3 on 8: 2 each, disjoint
-    assert [cpu_cores(i, 2, 2) for i in range(2)] == ["0", "1"] and cpu_cores(0, 1, 2) == "0-1"
-    assert [cpu_cores(i, 3, 8) for i in range(3)] == ["0-1", "2-3", "4-5"]
+    assert [cpu_cores(i, 2, [0, 1]) for i in range(2)] == ["0", "1"] and cpu_cores(0, 1, [0, 1]) == "0,1"
+    assert [cpu_cores(i, 3, list(range(8))) for i in range(3)] == ["0,1", "2,3", "4,5"]
+    # an affinity mask (taskset -c 4,6,7, a cgroup cpuset): only those cores, disjoint per model
+    assert [cpu_cores(i, 2, [7, 4, 6]) for i in range(2)] == ["4", "6"]
+    # more models than cores: one core each, shared round-robin (disjoint is impossible)
+    assert [cpu_cores(i, 3, [0, 1]) for i in range(3)] == ["0", "1", "0"]
     env = _env_vars("cpu", "/c", True, "1")
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     monkeypatch.setenv("CPO_RAY_API_KEY", "from-env")
     assert resolve_api_key(ServeConfig()) == "from-env" and resolve_api_key(ServeConfig(api_key="k")) == "k"
+
+
+def test_serve_cpu_cores_key_and_the_process_affinity(monkeypatch):
+    """serve.cpu_cores is a real key (issue 21): one core set per served model, else an error naming it; unset,
+    the shares come from the process's affinity (containers, Slurm, taskset), not os.cpu_count()."""
+    from cpo_ray.config import ConfigError, load_config
+    from cpo_ray.serve.app import engine_cores
+
+    cfg = load_config(None, ["serve.cpu_cores=[0-3, 4-7]"]).serve
+    assert engine_cores(cfg, ["base", "tuned"]) == ["0-3", "4-7"]
+    with pytest.raises(ConfigError, match=r"serve.cpu_cores lists 2 core sets for 1 models \['base'\]"):
+        engine_cores(cfg, ["base"])
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {5, 3})  # e.g. taskset -c 3,5 on a 64-core host
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert engine_cores(ServeConfig(), ["base", "tuned"]) == ["3", "5"]
 
 
 def test_bearer_auth_middleware():

@@ -45,6 +45,20 @@ ARCHS = {
         {"head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": 0.5, **SLIDING},
     ),
     "phi3": ("Phi3Config", {}),
+    "phi3_sliding": ("Phi3Config", {"sliding_window": 6}),
+    # Its layers keep the window as an attribute only (the eager mask applies it): issue 21's case.
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32,
+            "use_sliding_window": True,
+            "max_window_layers": 0,
+            **SLIDING,
+        },
+    ),  # fmt: skip
     "cohere": ("CohereConfig", {"logit_scale": 0.25}),
     "cohere2": ("Cohere2Config", SLIDING),
     "granite": ("GraniteConfig", {"logits_scaling": 4.0}),
@@ -167,7 +181,40 @@ def test_a_head_we_do_not_reproduce_fails_the_start_up_check(arch_dirs):
     saved = heads.DIVIDE_BY_LOGITS_SCALING
     heads.DIVIDE_BY_LOGITS_SCALING = ()
     try:
-        with pytest.raises(ValueError, match=r"GraniteForCausalLM \(granite\).*differ from the model's own forward"):
+        with pytest.raises(
+            ValueError, match=r"GraniteForCausalLM \(granite\).*differ from the model's own eager forward"
+        ):
             verify_logps(model, collate)
     finally:
         heads.DIVIDE_BY_LOGITS_SCALING = saved
+
+
+def test_the_start_up_check_catches_a_sliding_window_our_attention_ignores(arch_dirs):
+    """Issue 21: the probe's reference is the model's own eager attention, not cpo-ray's. A Qwen2-MoE whose
+    window (6, shorter than the probe) cpo-ray's attention is made to ignore must fail the check."""
+    from transformers import AttentionInterface
+
+    from cpo_ray.train import attention
+    from cpo_ray.train.collate import collate_for
+    from cpo_ray.train.logps import verify_logps
+    from cpo_ray.train.model import build_model
+
+    cfg = load_config(None, ["model.lora.enabled=false"])
+    model = build_model(cfg, arch_dirs["qwen2_moe"], torch.float32)
+    collate = collate_for(True, None, model, pad_id=0)  # switches the model to cpo-ray's attention
+    assert verify_logps(model, collate) < 1e-3
+
+    def windowless(module, *args, **kwargs):
+        kwargs.pop("sliding_window", None)
+        saved, module.sliding_window = getattr(module, "sliding_window", None), None
+        try:
+            return attention.varlen_attention(module, *args, **kwargs)
+        finally:
+            module.sliding_window = saved
+
+    AttentionInterface.register(attention.VARLEN_ATTENTION, windowless)
+    try:
+        with pytest.raises(ValueError, match=r"Qwen2MoeForCausalLM \(qwen2_moe\).*own eager forward"):
+            verify_logps(model, collate)
+    finally:
+        AttentionInterface.register(attention.VARLEN_ATTENTION, attention.varlen_attention)
