@@ -55,7 +55,7 @@ def cmd_train(cfg, args) -> None:
 
 
 def cmd_serve(cfg, args) -> None:
-    from cpo_ray.serve.app import resolve_api_key, served_models, start_server, stop_server
+    from cpo_ray.serve.app import lora_serving, resolve_api_key, served_models, start_server, stop_server
 
     if args.stop:
         with console.stage("serve"):
@@ -63,10 +63,15 @@ def cmd_serve(cfg, args) -> None:
         console.say("serve: stopped")
         return
     models = dict(m.split("=", 1) for m in args.model) if args.model else served_models(cfg)
+    # serve.lora_adapters: every run's adapter under adapters_dir is loaded on first use as "base:<run name>",
+    # so one engine serves the base and any number of tuned runs (evaluate them with `cpo-ray eval --model`)
+    lora = lora_serving(cfg)
     with console.stage("serve"):
-        url = start_server(cfg.serve, models, detached=args.detach)
+        url = start_server(cfg.serve, models, detached=args.detach, lora=lora)
     auth = " (Bearer auth)" if resolve_api_key(cfg.serve) else ""
     console.say(f"serving {', '.join(models)} at {url}{auth}")
+    if lora:
+        console.say(f"LoRA adapters in {lora['adapters']}/<run name> served as base:<run name>")
     if args.detach:
         console.say("running detached; stop with `cpo-ray serve --stop`")
         return

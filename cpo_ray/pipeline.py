@@ -77,10 +77,9 @@ def serve_and_eval(cfg: Config, timings: dict) -> dict:
     serving down."""
     from ray import serve
 
-    from cpo_ray.serve.app import adapters_dir, served_adapters, served_models, start_server
+    from cpo_ray.serve.app import lora_serving, served_adapters, served_models, start_server
 
-    models, adapters = served_models(cfg), served_adapters(cfg)
-    lora = {"adapters": adapters_dir(cfg).uri, "rank": cfg.model.lora.r} if adapters else None
+    models, adapters, lora = served_models(cfg), served_adapters(cfg), lora_serving(cfg)
     t0 = time.time()
     ids = [*models, *adapters]
     console.live(f"starting vLLM engines for {', '.join(models)} ..." + (" (+ LoRA adapters)" if adapters else ""))

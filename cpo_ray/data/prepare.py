@@ -169,8 +169,9 @@ def _stats(values: list[int]) -> dict:
 def held_out(raw: str | None, fraction: float) -> bool:
     """Whether a record goes to the carved held-out split (data.eval_split): a hash of the record's own
     text, so the split does not depend on where the file sits or what it is called, and duplicate records
-    always land on the same side (a copy of a test row is never trained on)."""
-    h = hashlib.blake2b((raw or "").encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    always land on the same side (a copy of a test row is never trained on). Surrounding whitespace is not
+    part of it: a JSONL line's LF or CRLF, or a last line without one, hashes the same."""
+    h = hashlib.blake2b((raw or "").strip().encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 

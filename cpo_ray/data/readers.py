@@ -141,7 +141,8 @@ class _ArrayReader:
         a number, followed by nothing but number characters up to the buffer's end."""
         if self.buf[self.pos] not in "-0123456789":
             return False
-        return all(c in NUMBER_CHARS for c in self.buf[end:])
+        buf = self.buf  # indexed, not sliced: a slice would copy up to a chunk per top-level number
+        return all(buf[i] in NUMBER_CHARS for i in range(end, len(buf)))
 
     def _fail(self, n: int, what: str):
         raise DataError(f"{self.path}: not a valid JSON array after record {n} ({what})")

@@ -61,18 +61,26 @@ def adapters_dir(cfg: Config) -> Location:
     return Location(cfg.serve.adapters_dir) if cfg.serve.adapters_dir else Location(cfg.output_dir) / "adapters"
 
 
-def served_adapters(cfg: Config) -> list[str]:
-    """With serve.lora_adapters: the ids the evaluator asks for ("base:<run name>"), after publishing this
-    run's adapter into adapters_dir/<run name> (once). Refused, with the reason, where Ray Serve LLM cannot
-    load adapters from (a local disk) or there is no adapter (a full fine-tune)."""
+def lora_serving(cfg: Config) -> dict | None:
+    """With serve.lora_adapters: what build_llm_app's `lora` takes (where adapters live, the LoRA rank); None
+    without. Refused, with the reason, where Ray Serve LLM cannot load adapters from (a local disk)."""
     if not cfg.serve.lora_adapters:
-        return []
+        return None
     where = adapters_dir(cfg)
     if where.is_local:
         raise ConfigError(
             f"serve.lora_adapters: Ray Serve LLM loads adapters from object storage only (s3://, gs://), and "
             f"{where} is a local folder: set serve.adapters_dir (or output_dir) to a bucket, or serve merged models"
         )
+    return {"adapters": where.uri, "rank": cfg.model.lora.r}
+
+
+def served_adapters(cfg: Config) -> list[str]:
+    """With serve.lora_adapters: the ids the evaluator asks for ("base:<run name>"), after publishing this
+    run's adapter into adapters_dir/<run name> (once). Refused where there is no adapter (a full fine-tune)."""
+    if lora_serving(cfg) is None:
+        return []
+    where = adapters_dir(cfg)
     adapter = RunPaths.of(cfg).adapter
     if not (adapter / ADAPTER_MARKER).is_file():
         raise ConfigError(f"serve.lora_adapters: no LoRA adapter at {adapter} (model.lora.enabled: a LoRA run)")

@@ -1,6 +1,6 @@
 """The driver's view of a training run on the console: a thread that follows the run log.
 
-    with following(log, total_steps, every):    # around trainer.fit(); log = cpo_ray.train.runlog.start(paths)
+    with following(log, total_steps, every):    # around trainer.fit(); log = cpo_ray.train.runlog.start(cfg)
         ...
 
 Held-out scores, a progress line every `every` steps (live on a terminal), resumes and the settings they changed.

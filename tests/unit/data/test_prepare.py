@@ -36,3 +36,7 @@ def test_held_out_carve_does_not_depend_on_where_the_file_sits(tiny_model_dir, t
     first = _held_out_rows(tiny_model_dir, here, tmp_path / "out1")
     second = _held_out_rows(tiny_model_dir, moved, tmp_path / "out2")
     assert first == second and 30 < len(first) < 90  # ~0.3 x 200, identical rows
+    # the same records with Windows line ends and no final newline: the same rows held out
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes("\r\n".join(json.dumps(r) for r in rows).encode())
+    assert _held_out_rows(tiny_model_dir, crlf, tmp_path / "out3") == first

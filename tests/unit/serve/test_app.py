@@ -82,3 +82,17 @@ def test_bearer_auth_middleware():
     assert client.get("/v1/nowhere").status_code == 401  # before routing: no probing of paths
     ok = client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200 and ok.json() == {"data": []}
+
+
+def test_lora_serving_needs_object_storage(tmp_path):
+    """serve.lora_adapters: Ray Serve LLM loads adapters from s3:// / gs:// only: a local adapters folder is a
+    config error naming the keys (before any engine starts); a bucket gives the base engine's LoRA settings."""
+    from cpo_ray.config import ConfigError, load_config
+    from cpo_ray.serve.app import lora_serving
+
+    assert lora_serving(load_config(None, [f"output_dir={tmp_path}"])) is None
+    local = load_config(None, [f"output_dir={tmp_path}", "serve.lora_adapters=true"])
+    with pytest.raises(ConfigError, match=r"object storage only .* set serve.adapters_dir \(or output_dir\)"):
+        lora_serving(local)
+    remote = load_config(None, [f"output_dir={tmp_path}", "serve.lora_adapters=true", "serve.adapters_dir=s3://b/ad"])
+    assert lora_serving(remote) == {"adapters": "s3://b/ad", "rank": remote.model.lora.r}
