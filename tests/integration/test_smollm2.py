@@ -71,7 +71,7 @@ def test_smollm2_prepare_train_serve_eval(ray_local, tmp_path, model_cache):
     tok = AutoTokenizer.from_pretrained(model_path)
     rep = prepare(cfg, model_path)
     assert rep["rows_rejected"] == 0
-    row = pq.read_table(paths.split_dir(EVAL)).to_pylist()[0]
+    row = pq.read_table(paths.split_dir(EVAL).local).to_pylist()[0]
     prompt = tok.decode(row["prompt_ids"])
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("in words:<|im_end|>\n<|im_start|>assistant\n")
     assert row["chosen_ids"][-1] == tok.eos_token_id  # the template's own end of turn, scored once

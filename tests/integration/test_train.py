@@ -83,7 +83,7 @@ def check_run(cfg, model_dir):
     # export reloads with the in-training held-out log-probs
     ev = json.loads((out / "train_eval.json").read_text())
     assert ev["step"] == cfg.train.max_steps and len(ev["pairs"]) == cfg.data.synthetic.eval_pairs
-    c, r = reloaded_logps(out / "final", RunPaths.of(cfg).data_dir)
+    c, r = reloaded_logps(out / "final", RunPaths.of(cfg).data_dir.local)
     torch.testing.assert_close(c, torch.tensor([p["logp_chosen"] for p in ev["pairs"]]), atol=1e-4, rtol=0)
     rejected = [x for p in ev["pairs"] for x in p["logp_rejected_all"]]  # every rejected response, by prompt
     torch.testing.assert_close(r, torch.tensor(rejected), atol=1e-4, rtol=0)
