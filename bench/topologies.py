@@ -116,6 +116,15 @@ def main() -> None:
         "max_abs_loss_diff": max(abs(sa[s]["loss"] - sb[s]["loss"]) for s in common),
         "all_digests_equal": all(sa[s]["data/digest"] == sb[s]["data/digest"] for s in common),
         "endpoint_accuracy": acc,
+        # the whole tables (accuracies, margins, McNemar, CIs): the one-node run IS the embedded default
+        "endpoint": {
+            name: {k: r["eval"].get(k) for k in ("models", "comparisons")}
+            for name, r in (("one_node", a), ("three_nodes", b))
+        },  # fmt: skip
+        "final_heldout_in_training": {
+            name: next((x for x in reversed(r["rows"]) if "eval/accuracy" in x), {})
+            for name, r in (("one_node", a), ("three_nodes", b))
+        },  # fmt: skip
     }
     print(json.dumps(out, indent=2))
 
