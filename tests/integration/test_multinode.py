@@ -9,7 +9,8 @@ that passes a file through a node's local disk fails here. The runs:
   (SIGKILL of its raylet and workers) mid-training and a replacement node joins; Ray Train restarts the worker
   group from the last checkpoint in S3; the run ends with base vs tuned through the endpoint, the console and
   report of a one-node run;
-- the training job's driver killed, the job submitted again: the run resumes from S3.
+- the training job's driver killed (a torn newest checkpoint left in S3), the job submitted again: the run
+  resumes from the last complete checkpoint in S3.
 
 Every step of both runs equals the reference: the same pairs on the same ranks (per-rank data digests) and the
 same losses, whatever the topology, the storage or the failures in between.
@@ -176,10 +177,11 @@ def test_pipeline_on_three_nodes_object_storage_only_survives_a_lost_node(cluste
     lines = stdout.split("Tailing logs until the job exits", 1)[1].splitlines()[1:]
     console = lines[: next(i for i, ln in enumerate(lines) if "SUCC cli.py" in ln)]
     print("\n".join(["", "job console:", *console]))
-    console = console[next(i for i, ln in enumerate(console) if ln.startswith("── ")) :]
+    assert len(console) < 60, "\n".join(console)  # stage headers, a live line, the table: not framework logs
+    console = console[next(i for i, ln in enumerate(console) if ln.startswith("── ")) :]  # after Ray's set-up lines
     assert [ln for ln in console if ln.startswith("── ")][:3] == [
         ln for ln in console if ln.startswith(("── prepare", "── train", "── eval"))
-    ]
+    ]  # stage headers, in order
     assert any(ln.startswith("resumed at step") for ln in console)  # the restart, told on the console
     assert console[-1] == f"report: {run}/report.html"
     table = [ln for ln in console[-15:] if ln.startswith("|")]
@@ -196,8 +198,11 @@ def test_pipeline_on_three_nodes_object_storage_only_survives_a_lost_node(cluste
     check_same_steps(jsonl(s3.read("pipeline/metrics.jsonl")), reference)
     resumed = check_replayed(jsonl(s3.read("pipeline/events.jsonl")), reference)
     assert resumed["resumed_from"] > 0 and resumed["resumed_from"] % 5 == 0  # from a checkpoint, not from scratch
+    assert {"prepare", "train", "eval"} <= set(json.loads(s3.read("pipeline/timings.json")))
     result = json.loads(s3.read("pipeline/eval/eval.json"))
     assert set(result["models"]) == {"base", "tuned"}
+    assert set(result["generation"]["models"]) == {"base", "tuned"}  # greedy answers scored, both models
+    assert "exact_match" in result["generation"]["comparisons"]["tuned"]
     # Through the endpoint, the tuned model scores every held-out pair as the reference's final model did in
     # training (the same weights): per-pair log-probs within fp32 noise, hence the same accuracy.
     served = jsonl(s3.read("pipeline/eval/pairs_tuned.jsonl"))
@@ -228,6 +233,10 @@ def test_driver_killed_then_job_resubmitted_resumes_from_object_storage(cluster,
     for p in drivers:
         p.send_signal(signal.SIGKILL)  # the driver dies: its trainer, workers and run log with it
     job.communicate(timeout=300)
+    # A checkpoint cut short by the crash: newest by name, half written. The resume must not pick it.
+    torn = "driver/ray/mn/checkpoint_2099-01-01_00-00-00.000000"
+    s3.client().put_object(Bucket=s3.bucket, Key=f"{torn}/cpo_state.json", Body=b'{"step": 9')
+    s3.client().put_object(Bucket=s3.bucket, Key=f"{torn}/ckpt/mp_rank_00_model_states.pt", Body=b"\x80\x02trunc")
     again = submit(nodes, args)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     assert "resumed at step" in again.stdout

@@ -152,6 +152,55 @@ def test_endpoint_scores_match_transformers(server, tmp_path):
     server["stats"]["pairs_per_s"] = round(result["pairs_per_s"], 1)
 
 
+def test_generations_scored_and_judged_through_the_endpoint(server, tmp_path, monkeypatch):
+    """Greedy answers and n samples per prompt scored against the references, and a judge that cpo-ray itself
+    serves (a weak one: the plumbing, the order swap and the statistics are what is checked). The two served ids
+    are the same weights, so their greedy answers match and, asked in both orders, the judge must call a tie."""
+    from transformers import AutoTokenizer
+
+    from cpo_ray.config import GenerationConfig, JudgeConfig
+    from cpo_ray.contract import generations_file
+    from cpo_ray.eval.judge import combine
+    from cpo_ray.eval.scorer import evaluate_models
+
+    monkeypatch.setenv("CPO_TEST_JUDGE_KEY", KEY)  # the judge's key comes from the environment, never the config
+    # The user's own template (the shipped one is longer than this byte-level model's 256-token context).
+    template = tmp_path / "judge.txt"
+    template.write_text("{prompt}\nA: {response_a}\nB: {response_b}\nBetter (A, B or tie):")
+    pairs = _pairs(AutoTokenizer.from_pretrained(server["model"]), 6)
+    cfg = EvalConfig(
+        concurrency=4, generate_samples=2, max_new_tokens=6,
+        generation=GenerationConfig(prompts=5, samples=2, temperature=1.0),
+        judge=JudgeConfig(base_url=server["url"], model="base", api_key_env="CPO_TEST_JUDGE_KEY", max_tokens=2,
+                          template=str(template)),
+    )  # fmt: skip
+    result = evaluate_models(
+        server["url"], ["base", "tuned"], pairs, cfg, tmp_path, api_key=KEY, tokenizer_path=server["model"]
+    )
+    saved = json.loads((tmp_path / "eval.json").read_text())["generation"]
+    assert saved["n_prompts"] == 5 and set(saved["models"]) == {"base", "tuned"}
+    for model in ("base", "tuned"):
+        m = saved["models"][model]
+        assert m["n"] == 5 and 0 <= m["greedy"]["exact_match"] <= 1 and 0 <= m["greedy"]["chrf"] <= 100
+        assert m["samples"]["n"] == 2 and m["generated_tokens"] >= 5
+        rows = [json.loads(ln) for ln in (tmp_path / generations_file(model)).read_text().splitlines()]
+        assert len(rows) == 5 and all(len(r["samples"]) == 2 for r in rows)
+    cmp = saved["comparisons"]["tuned"]["exact_match"]
+    assert cmp["only_baseline"] + cmp["only_model"] <= 5 and 0 <= cmp["mcnemar_p"] <= 1
+    judged = saved["judge"]["tuned"]
+    assert judged["prompts"] == 5 and len(judged["verdicts"]) == 5
+    assert judged["wins"] + judged["ties"] + judged["losses"] == 5
+    outcomes = [combine(v["model_first"], v["model_second"]) for v in judged["verdicts"]]
+    assert [v["outcome"] for v in judged["verdicts"]] == outcomes
+    assert judged["win_rate"] == pytest.approx(sum(outcomes) / 5)
+    base_rows = [json.loads(ln) for ln in (tmp_path / generations_file("base")).read_text().splitlines()]
+    tuned_rows = [json.loads(ln) for ln in (tmp_path / generations_file("tuned")).read_text().splitlines()]
+    same = [i for i in range(5) if base_rows[i]["response"] == tuned_rows[i]["response"]]
+    assert same, "the same weights gave different greedy answers"
+    assert all(judged["verdicts"][i]["outcome"] == 0.5 for i in same)  # the swap cancels any position bias
+    assert result["generation"]["judge"]["tuned"]["win_rate"] == judged["win_rate"]
+
+
 def test_bad_requests_are_4xx_and_server_survives(server):
     import openai
 
