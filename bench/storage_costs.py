@@ -41,9 +41,10 @@ def timed(fn) -> float:
 def transfer(local: Path, remote, work: Path) -> dict:
     """Upload, download and a local copy of one folder; seconds and seconds per GB of each."""
     gb = folder_bytes(local) / 1e9
+    dest = Path(tempfile.mkdtemp(prefix=f"{local.name}-", dir=work))  # LoRA's and the full run's folders share names
     up = timed(lambda: remote.upload_from(local))
-    down = timed(lambda: remote.download_to(work / f"down-{local.name}"))
-    copy = timed(lambda: shutil.copytree(local, work / f"copy-{local.name}"))
+    down = timed(lambda: remote.download_to(dest / "down"))
+    copy = timed(lambda: shutil.copytree(local, dest / "copy"))
     return {
         "bytes": int(gb * 1e9),
         "upload_s": round(up, 3),
