@@ -42,8 +42,13 @@ def transfer(local: Path, remote, work: Path) -> dict:
     """Upload, download and a local copy of one folder; seconds and seconds per GB of each."""
     gb = folder_bytes(local) / 1e9
     dest = Path(tempfile.mkdtemp(prefix=f"{local.name}-", dir=work))  # LoRA's and the full run's folders share names
-    up = timed(lambda: remote.upload_from(local))
+    try:
+        up = timed(lambda: remote.upload_from(local))
+    except OSError as e:  # moto_server fails to complete multipart uploads of ~1.5 GB and more: say so
+        return {"bytes": int(gb * 1e9), "error": str(e).splitlines()[0][:300]}
     down = timed(lambda: remote.download_to(dest / "down"))
+    if folder_bytes(dest / "down") != folder_bytes(local):
+        raise RuntimeError(f"{remote.uri}: downloaded {folder_bytes(dest / 'down')} bytes of {folder_bytes(local)}")
     copy = timed(lambda: shutil.copytree(local, dest / "copy"))
     return {
         "bytes": int(gb * 1e9),
@@ -58,8 +63,38 @@ def transfer(local: Path, remote, work: Path) -> dict:
     }
 
 
+def tensor_sizes(ckpt: Path, top: int = 3) -> dict:
+    """What a checkpoint's bytes are made of, in MiB: per file and top-level entry (module, optimizer, ...),
+    and its `top` largest tensors."""
+    import torch
+
+    parts: dict[str, float] = {}
+    tensors: dict[str, float] = {}
+
+    def walk(part: str, name: str, obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            mib = obj.numel() * obj.element_size() / 2**20
+            parts[part] = parts.get(part, 0) + mib
+            tensors[name] = mib
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(part, f"{name}.{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(part, f"{name}.{i}", v)
+
+    for f in ckpt.rglob("*.pt"):
+        for key, value in torch.load(f, map_location="cpu", weights_only=False).items():
+            walk(f"{f.name}:{key}", f"{f.name}:{key}", value)
+    largest = sorted(tensors.items(), key=lambda kv: -kv[1])[:top]
+    return {"parts": {k: round(v, 1) for k, v in parts.items() if v >= 0.05},
+            "largest": {k: round(v, 1) for k, v in largest}}  # fmt: skip
+
+
 def checkpoint_and_export(model_dir: str, lora: bool, work: Path) -> tuple[Path, Path, dict]:
     """One rank's checkpoint (DeepSpeed shard + cpo-ray state) and the export, as the trainer writes them."""
+    import torch
+
     from cpo_ray.config import load_config
     from cpo_ray.train.engine import build_engine
     from cpo_ray.train.model import export_model
@@ -69,13 +104,20 @@ def checkpoint_and_export(model_dir: str, lora: bool, work: Path) -> tuple[Path,
     over = ["train.zero_stage=0", "train.torch_threads=2", "model.lora.dropout=0", "model.lora.modules_to_save=[]"]
     cfg = load_config(None, [*over, f"model.lora.enabled={str(lora).lower()}", f"model.name_or_path={model_dir}"])
     engine, *_ = build_engine(cfg, model_dir, 1, 10, False, 0)
+    # One optimizer step (zero gradients), so that the checkpoint holds AdamW's two moments as a trainer's does:
+    # before its first step the optimizer has no state and the checkpoint would be the weights alone.
+    for p in engine.module.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    engine.optimizer.step()
     ckpt = work / f"ckpt-{name}"
     # as the trainer saves it: a LoRA checkpoint without the frozen base (the model on disk has it)
     t = timed(lambda: (engine.save_checkpoint(str(ckpt), tag="ckpt", exclude_frozen_parameters=lora),
                        save_state(ckpt, {"step": 1}, 0)))  # fmt: skip
     with_frozen = work / f"ckpt-{name}-with-frozen"
     engine.save_checkpoint(str(with_frozen), tag="ckpt")
-    sizes = {"checkpoint_bytes_if_frozen_weights_were_kept": folder_bytes(with_frozen)}
+    sizes = {"checkpoint_bytes_if_frozen_weights_were_kept": folder_bytes(with_frozen),
+             "checkpoint_tensors_mib": tensor_sizes(ckpt)}  # fmt: skip
     export = work / f"export-{name}"
     t_export = timed(lambda: export_model(engine, cfg, model_dir, export, 0))
     return ckpt, export, {"checkpoint_write_s": round(t, 3), "export_write_s": round(t_export, 3), **sizes}
@@ -130,10 +172,9 @@ def main() -> None:
             if (export / "adapter").exists():
                 out["runs"][name]["adapter"] = transfer(export / "adapter", bucket / "adapter", work)
         lo, full = out["runs"]["lora"]["checkpoint"], out["runs"]["full"]["checkpoint"]
-        out["ratios"] = {
-            "checkpoint_bytes_full_over_lora": round(full["bytes"] / lo["bytes"], 1),
-            "checkpoint_upload_s_full_over_lora": round(full["upload_s"] / lo["upload_s"], 1),
-        }
+        out["ratios"] = {"checkpoint_bytes_full_over_lora": round(full["bytes"] / lo["bytes"], 1)}
+        if "upload_s" in full and "upload_s" in lo:
+            out["ratios"]["checkpoint_upload_s_full_over_lora"] = round(full["upload_s"] / lo["upload_s"], 1)
         dist.destroy_process_group()
     print(json.dumps(out, indent=2))  # after the redirect: the real stdout
 

@@ -35,6 +35,11 @@ S3_ENV = (
     "AWS_DEFAULT_REGION",
 )
 
+# Bytes per read when copying a file to or from a store (Ray Train's checkpoint copies use the same). pyarrow's
+# default (1 MiB) makes one ranged GET per MiB: a round trip each on a real store, and quadratic in the file's
+# size on moto's server, which re-reads the object per range (bench/RESULTS.md, "Storage costs").
+COPY_CHUNK_BYTES = 64 << 20
+
 
 def is_remote(uri: str | Path) -> bool:
     """A URI with a scheme other than file:// (s3://, gs://, ...)."""
@@ -253,11 +258,10 @@ class Location:
 
     def upload_from(self, local_dir: str | Path) -> None:
         """Copy a local folder's files here (this location's old files under the same names are replaced)."""
-        import pyarrow.fs as pafs
-
+        src = Path(local_dir)
         self.mkdir()
-        pafs.copy_files(str(Path(local_dir).resolve()), self.path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)  # fmt: skip
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            (self / f.relative_to(src).as_posix()).upload_file(f)
 
     def publish_from(self, local_dir: str | Path, marker: str) -> None:
         """Replace this folder with a local one so that readers who wait for `marker` never see a mix: on
@@ -289,17 +293,30 @@ class Location:
 
         if self.is_local:
             self.local.parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(str(Path(local_file).resolve()), self.path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)  # fmt: skip
+        copy_file(pafs.LocalFileSystem(), str(Path(local_file).resolve()), self.fs, self.path)
 
     def download_to(self, local_dir: str | Path) -> Path:
+        """Copy this folder's files into a local folder; returns it."""
         import pyarrow.fs as pafs
 
         dest = Path(local_dir)
         dest.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(self.path, str(dest.resolve()), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+        root = self.path.rstrip("/")
+        for info in self.fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            if info.type == pafs.FileType.File:
+                target = dest / info.path[len(root) :].lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                copy_file(self.fs, info.path, pafs.LocalFileSystem(), str(target.resolve()))
         return dest
+
+
+def copy_file(src_fs, src: str, dst_fs, dst: str) -> None:
+    """Stream one file between pyarrow filesystems. An object store completes an upload when the output is
+    closed, so that is where its errors come: they must reach the caller. pyarrow.fs.copy_files drops them
+    (a missing file, no error: tests/unit/test_storage.py)."""
+    with src_fs.open_input_stream(src) as fin, dst_fs.open_output_stream(dst) as fout:
+        while chunk := fin.read(COPY_CHUNK_BYTES):
+            fout.write(chunk)
 
 
 def node_cache_dir() -> Path:

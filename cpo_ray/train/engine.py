@@ -84,15 +84,28 @@ def build_engine(cfg: Config, model_path: str, world: int, total_steps: int, use
     # (bench/RESULTS.md), the same update.
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, total_steps))
+    scorer = PairScorer(model)
+    if cfg.model.lora.enabled:
+        scorer.register_state_dict_post_hook(drop_frozen_tied_weights)
     skip_deepspeed_shm_comm_build()
     engine, _, _, scheduler = deepspeed.initialize(
-        model=PairScorer(model),
+        model=scorer,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world, str(dtype).removeprefix("torch."), clip_in_loop),
         dist_init_required=False,
     )
     return engine, scheduler, clip_in_loop, collate
+
+
+def drop_frozen_tied_weights(module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A state_dict post-hook for LoRA checkpoints. DeepSpeed's exclude_frozen_parameters walks
+    named_parameters(), which lists a tied weight once (embed_tokens), so the frozen duplicate (lm_head, the
+    whole vocabulary matrix) stayed in every checkpoint; the base model on disk has it."""
+    listed = {name for name, _ in module.named_parameters()}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if name not in listed and not param.requires_grad:
+            state_dict.pop(prefix + name, None)
 
 
 def apply_hparams(engine, tc: TrainConfig) -> dict:

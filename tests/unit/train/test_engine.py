@@ -118,3 +118,37 @@ def test_fp16_is_refused_where_deepspeed_cannot_do_it_and_configured_with_loss_s
     ds = deepspeed_config(cfg, 8, "float16")
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
     assert ds["bf16"] == {"enabled": False}
+
+
+def test_lora_checkpoints_leave_out_frozen_tied_weights_and_resume(tiny_model_dir, deepspeed_world1, tmp_path):
+    """SmolLM2 and Qwen2.5-0.5B tie lm_head to embed_tokens: DeepSpeed's exclude_frozen_parameters kept the
+    frozen lm_head (the vocabulary matrix: 2/3 of SmolLM2's LoRA checkpoint). It is left out; resuming
+    restores the LoRA weights and Adam's state, and the head stays tied to the embeddings."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = True
+    tied = tmp_path / "tied"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tied)
+    for stage in (0, 2):
+        over = ["model.lora.enabled=true", "model.lora.modules_to_save=[]", "model.lora.dropout=0",
+                f"train.zero_stage={stage}"]  # fmt: skip
+        engine, *_ = _engine(str(tied), over)
+        trained = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+        engine.backward(sum(p.sum() for p in trained.values()))
+        engine.step()
+        ckpt = tmp_path / f"ckpt-{stage}"
+        engine.save_checkpoint(str(ckpt), tag="ckpt", exclude_frozen_parameters=True)
+        saved = torch.load(ckpt / "ckpt" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert not [k for k in saved if "lm_head" in k or "embed_tokens" in k]
+        assert set(saved) == set(trained), set(saved) ^ set(trained)
+
+        fresh, *_ = _engine(str(tied), over)
+        fresh.load_checkpoint(str(ckpt), tag="ckpt", load_module_strict=False)
+        for n, p in fresh.module.named_parameters():
+            if n in trained:
+                assert torch.equal(p, trained[n]), n
+        assert fresh.optimizer.state_dict()["state" if stage == 0 else "base_optimizer_state"], "Adam restored"
+        model = fresh.module.model
+        assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
