@@ -120,7 +120,7 @@ def cmd_sweep(cfg, args) -> None:
 
     init_ray()
     out = run_sweep(cfg)
-    if cfg.sweep.evaluate_best and out["best"]:
+    if cfg.sweep.evaluate_best and out["best"] and not out["unfinished"]:
         from cpo_ray.pipeline import serve_and_eval
 
         with console.stage(Stage.EVAL):
@@ -128,6 +128,9 @@ def cmd_sweep(cfg, args) -> None:
     report = write_sweep_report(cfg, out)
     console.say(trials_table(out))
     console.say(f"report: {report}")
+    if out["unfinished"]:
+        raise SystemExit(f"sweep interrupted: {out['unfinished']} of {len(out['trials'])} trials unfinished, no "
+                         "model exported; the same command resumes it")  # fmt: skip
 
 
 def cmd_pipeline(cfg, args) -> None:

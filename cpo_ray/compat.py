@@ -62,3 +62,10 @@ def model_card(model_id: str, llm_config):
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
     return to_model_metadata(model_id, llm_config)
+
+
+def tune_trial_statuses(grid) -> list[str]:
+    """ray 2.60: each trial's status ("TERMINATED", "ERROR", "PENDING", "RUNNING", "PAUSED") in the order of
+    the ResultGrid's results. Public Result objects do not say whether a trial finished: an interrupted sweep's
+    unfinished trials would otherwise look like trials the scheduler stopped."""
+    return [trial.status for trial in grid._experiment_analysis.trials]

@@ -155,9 +155,11 @@ def _summarize(cfg: Config, grid, metric: str, mode: str, seconds: float) -> dic
     """The trials table (config, steps run, best metric, stopped early or not), the best trial's export copied to
     the sweep's final/ and adapter/, sweep.json."""
     paths = RunPaths.of(cfg)
+    from cpo_ray.compat import tune_trial_statuses
+
     max_steps = _max_steps(cfg)
     trials = []
-    for result in grid:
+    for result, status in zip(grid, tune_trial_statuses(grid), strict=True):
         df = result.metrics_dataframe
         history = [] if df is None or metric not in df else df[["step", metric]].dropna().values.tolist()
         values = [v for _, v in history]
@@ -170,14 +172,17 @@ def _summarize(cfg: Config, grid, metric: str, mode: str, seconds: float) -> dic
             "steps": steps,
             "best": best,
             "last": values[-1] if values else None,
-            "stopped_early": steps < max_steps and result.error is None,
+            "finished": status in ("TERMINATED", "ERROR"),  # else interrupted: the same command resumes it
+            "stopped_early": status == "TERMINATED" and steps < max_steps,
             "error": None if result.error is None else str(result.error).splitlines()[0][:300],
             "history": history,
             "output_dir": trial_config(cfg, result.config["params"], trial).output_dir,
         })  # fmt: skip
-    done = [t for t in trials if t["best"] is not None and not t["stopped_early"] and t["error"] is None]
-    best = (max if mode == "max" else min)(done, key=lambda t: t["best"]) if done else None
+    done = [t for t in trials if t["best"] is not None and t["finished"] and not t["stopped_early"] and not t["error"]]
+    complete = all(t["finished"] for t in trials)  # an interrupted sweep picks nothing until it is resumed
+    best = (max if mode == "max" else min)(done, key=lambda t: t["best"]) if done and complete else None
     out = {"metric": metric, "mode": mode, "max_steps": max_steps, "seconds": seconds, "trials": trials,
+           "unfinished": sum(not t["finished"] for t in trials),
            "best": best and {k: best[k] for k in ("trial", "params", "best", "output_dir")}}  # fmt: skip
     if best:
         src = Location(best["output_dir"])
@@ -201,7 +206,7 @@ def trials_table(out: dict) -> str:
         key=lambda t: (t["best"] is None, -(t["best"] or 0) if out["mode"] == "max" else (t["best"] or 0)),
     ):
         best = "-" if t["best"] is None else f"{t['best']:.4f}"
-        flag = "error" if t["error"] else ("yes" if t["stopped_early"] else "no")
+        flag = "error" if t["error"] else "unfinished" if not t["finished"] else "yes" if t["stopped_early"] else "no"
         mark = " (best)" if out["best"] and t["trial"] == out["best"]["trial"] else ""
         vals = [
             f"{t['params'][k]:.4g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k)) for k in keys

@@ -413,4 +413,7 @@ def train_stream(split_dir):
     files = parquet_files(split_dir)
     if not files:
         raise DataError(f"no tokenized data in {split_dir}: run `cpo-ray prepare` first")
-    return ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs, columns=list(PAIR_COLUMNS))
+    # A read task's default 1 CPU may never be free: two 1-worker sweep trials at 0.5 CPU each on 2 cores left
+    # 0.98, and training waited forever for its first block.
+    return ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs, columns=list(PAIR_COLUMNS),
+                                 num_cpus=READ_CPUS)  # fmt: skip

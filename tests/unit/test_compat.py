@@ -42,3 +42,12 @@ def test_ray_serve_llm_ingress_wiring():
         model_loading_config={"model_id": "m", "model_source": "/nowhere"}, accelerator_config={"kind": "cpu"}
     )
     assert model_card("m", cfg).id == "m"
+
+
+def test_ray_tune_result_grid_trials():
+    from ray.tune import ResultGrid
+    from ray.tune.experiment import Trial
+
+    assert "self._experiment_analysis = experiment_analysis" in inspect.getsource(ResultGrid.__init__)
+    assert "for trial in self._experiment_analysis.trials" in inspect.getsource(ResultGrid.__init__)
+    assert Trial.TERMINATED == "TERMINATED" and Trial.ERROR == "ERROR"
