@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import time
 
@@ -97,6 +98,9 @@ def run_sweep(cfg: Config) -> dict:
     sw, paths = cfg.sweep, RunPaths.of(cfg)
     if not cfg.train.eval_every:
         raise ConfigError("sweep: train.eval_every must be > 0 (the scheduler compares held-out evaluations)")
+    import ray
+
+    trials_at_once = concurrency(cfg, ray.cluster_resources())  # refused before the data is prepared
     if not paths.prepare_report.is_file():
         with console.stage("prepare"):
             stage_prepare(cfg)
@@ -122,7 +126,7 @@ def run_sweep(cfg: Config) -> dict:
                 mode=mode,
                 scheduler=scheduler,
                 num_samples=sw.samples,
-                max_concurrent_trials=sw.max_concurrent_trials or _concurrency(cfg),
+                max_concurrent_trials=trials_at_once,
             ),  # fmt: skip
             run_config=run_config,
         )
@@ -140,15 +144,30 @@ def _max_steps(cfg: Config) -> int:
     return total_steps(cfg.train, count_rows(paths.split_dir("train")), cfg.train.num_workers)
 
 
-def _concurrency(cfg: Config) -> int:
-    """Trials that fit at once: the cluster's CPUs (GPUs) over one trial's workers' share."""
-    import ray
-
-    tc, res = cfg.train, ray.cluster_resources()
-    fit = int(res.get("CPU", 1) // max(tc.num_workers * tc.cpus_per_worker, 1e-9))
+def concurrency(cfg: Config, resources: dict) -> int:
+    """Trials that run at once: sweep.max_concurrent_trials, else what the cluster's CPUs (GPUs) hold. Each trial
+    needs its workers' CPUs plus ONE whole CPU left for its Ray Data reads: Ray Data 2.60 splits the CPUs the
+    trainers leave among the running datasets in whole units, so two trials sharing one free CPU get zero each
+    and wait for their first batch forever. A concurrency that cannot fit is refused before any trial starts.
+    `resources`: the cluster's, as ray.cluster_resources() gives them."""
+    tc, res = cfg.train, resources
+    cpus, per_trial = res.get("CPU", 1), tc.num_workers * tc.cpus_per_worker + 1
+    fit = int(cpus // per_trial)
     if tc.use_gpu:
         fit = min(fit, int(res.get("GPU", 0) // tc.num_workers))
-    return max(1, fit)
+    asked = cfg.sweep.max_concurrent_trials
+    if asked and asked * per_trial > cpus:
+        raise ConfigError(
+            f"sweep.max_concurrent_trials={asked}: each trial needs train.num_workers x train.cpus_per_worker "
+            f"= {per_trial - 1:g} CPUs plus 1 CPU for its data reads ({per_trial:g}), {asked * per_trial:g} in "
+            f"all, and the cluster has {cpus:g}: at most {max(1, fit)} at once (Ray Data would never get a CPU)"
+        )
+    return asked or max(1, fit)
+
+
+def _grid_size(sw) -> int:
+    """Trials the sweep runs in all: the grid's points times sweep.samples."""
+    return math.prod(len(v) for v in sw.params.values() if isinstance(v, list)) * sw.samples
 
 
 def _summarize(cfg: Config, grid, metric: str, mode: str, seconds: float) -> dict:
@@ -157,7 +176,14 @@ def _summarize(cfg: Config, grid, metric: str, mode: str, seconds: float) -> dic
     paths = RunPaths.of(cfg)
     from cpo_ray.compat import tune_trial_statuses
 
-    max_steps = _max_steps(cfg)
+    max_steps, sw = _max_steps(cfg), cfg.sweep
+
+    def finished(status: str, steps: int, error) -> bool:
+        # An interrupted sweep (Ctrl-C, a stopped job) ends its running trials TERMINATED too; the scheduler
+        # stops none before sweep.grace_period steps, and with scheduler none it stops none at all.
+        early_stop_possible = sw.scheduler == "asha" and steps >= sw.grace_period
+        return status in ("TERMINATED", "ERROR") and (error is not None or steps >= max_steps or early_stop_possible)
+
     trials = []
     for result, status in zip(grid, tune_trial_statuses(grid), strict=True):
         df = result.metrics_dataframe
@@ -172,17 +198,18 @@ def _summarize(cfg: Config, grid, metric: str, mode: str, seconds: float) -> dic
             "steps": steps,
             "best": best,
             "last": values[-1] if values else None,
-            "finished": status in ("TERMINATED", "ERROR"),  # else interrupted: the same command resumes it
-            "stopped_early": status == "TERMINATED" and steps < max_steps,
+            "finished": finished(status, steps, result.error),  # else interrupted: the same command resumes it
+            "stopped_early": finished(status, steps, result.error) and not result.error and steps < max_steps,
             "error": None if result.error is None else str(result.error).splitlines()[0][:300],
             "history": history,
             "output_dir": trial_config(cfg, result.config["params"], trial).output_dir,
         })  # fmt: skip
     done = [t for t in trials if t["best"] is not None and t["finished"] and not t["stopped_early"] and not t["error"]]
-    complete = all(t["finished"] for t in trials)  # an interrupted sweep picks nothing until it is resumed
+    # an interrupted sweep (a trial unfinished or never started) picks nothing until it is resumed
+    complete = all(t["finished"] for t in trials) and len(trials) >= _grid_size(sw)
     best = (max if mode == "max" else min)(done, key=lambda t: t["best"]) if done and complete else None
     out = {"metric": metric, "mode": mode, "max_steps": max_steps, "seconds": seconds, "trials": trials,
-           "unfinished": sum(not t["finished"] for t in trials),
+           "unfinished": sum(not t["finished"] for t in trials) + _grid_size(sw) - len(trials),
            "best": best and {k: best[k] for k in ("trial", "params", "best", "output_dir")}}  # fmt: skip
     if best:
         src = Location(best["output_dir"])

@@ -6,7 +6,7 @@ import pytest
 from ray import tune
 
 from cpo_ray.config import ConfigError, load_config
-from cpo_ray.sweep import search_space, trial_config
+from cpo_ray.sweep import concurrency, search_space, trial_config
 
 
 def test_search_space_grids_and_sampled_specs():
@@ -41,3 +41,16 @@ def test_trial_config_rederives_lengths_and_shares_the_prepared_data(tmp_path):
     pinned = load_config(None, [f"output_dir={tmp_path}", "serve.max_model_len=1200"])
     with pytest.raises(Exception, match="serve.max_model_len=1200 is shorter"):
         trial_config(pinned, {"data.max_length": 1500}, "t2")  # a value the user set is kept, and checked
+
+
+def test_concurrency_leaves_each_trial_a_whole_cpu_for_its_data_reads():
+    # the tiny-cpu-sweep config as first written: two 0.5-CPU trials on 2 cores, each waited forever for data
+    over = ["train.num_workers=1", "train.cpus_per_worker=0.5", "sweep.params={train.beta: [0.1, 0.5]}"]
+    cfg = load_config(None, [*over, "sweep.max_concurrent_trials=2"])
+    with pytest.raises(ConfigError, match=r"max_concurrent_trials=2: .* 3 in all, and the cluster has 2: at most 1"):
+        concurrency(cfg, {"CPU": 2.0})
+    assert concurrency(cfg, {"CPU": 3.0}) == 2
+    auto = load_config(None, over)
+    assert concurrency(auto, {"CPU": 2.0}) == 1 and concurrency(auto, {"CPU": 16.0}) == 10
+    gpu = load_config(None, ["train.num_workers=2", "train.use_gpu=true", "sweep.params={train.beta: [0.1]}"])
+    assert concurrency(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2
