@@ -124,9 +124,14 @@ def cmd_sweep(cfg, args) -> None:
         from cpo_ray.pipeline import serve_and_eval
 
         with console.stage(Stage.EVAL):
-            serve_and_eval(cfg, {})
+            result = serve_and_eval(cfg, {})
     report = write_sweep_report(cfg, out)
     console.say(trials_table(out))
+    if cfg.sweep.evaluate_best and out["best"] and not out["unfinished"]:
+        from cpo_ray.eval.render import markdown_table
+
+        console.say()
+        console.say(markdown_table(result))  # base vs the best trial, through the endpoint
     console.say(f"report: {report}")
     if out["unfinished"]:
         raise SystemExit(f"sweep interrupted: {out['unfinished']} of {len(out['trials'])} trials unfinished, no "

@@ -147,7 +147,9 @@ class WorkerRun:
                 self.log.append.remote("metrics", metrics)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < self.total:
                 self.checkpoint(metrics)
-            elif step % tc.report_every == 0 or "eval/accuracy" in metrics:
+            elif step < self.total and (step % tc.report_every == 0 or "eval/accuracy" in metrics):
+                # not on the last step: its report comes after the final evaluation and export, and a Tune
+                # scheduler stops a trial at the first report that reaches max_t (losing both)
                 ray.train.report(metrics)
             self.window_start = time.time()  # eval, checkpoint and report time stay out of tokens/s
             self.lap_start = time.perf_counter()

@@ -125,5 +125,9 @@ def test_sweep_stops_a_diverging_trial_early_and_keeps_the_best(tmp_path):
     by_lr = {t["params"]["train.lr"]: t for t in res["trials"]}
     assert by_lr[30.0]["stopped_early"] and by_lr[30.0]["steps"] < 16  # lr 30 diverges: stopped at a rung
     assert not by_lr[3.0e-3]["stopped_early"] and by_lr[3.0e-3]["steps"] == 16
+    # its last report is the final evaluation's, after the export: ASHA stops a trial at its first report at
+    # max_t, which used to be the last step's plain report, racing the final evaluation and the export
+    assert by_lr[3.0e-3]["history"][-1][0] == 16 and (out / "trials" / by_lr[3.0e-3]["trial"] / "final").is_dir()
+    assert res["unfinished"] == 0
     assert res["best"]["params"]["train.lr"] == 3.0e-3 and (out / "final" / "config.json").exists()
     assert np.isfinite(by_lr[3.0e-3]["best"]) and "| trial |" in console
