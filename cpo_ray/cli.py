@@ -120,14 +120,15 @@ def cmd_sweep(cfg, args) -> None:
 
     init_ray()
     out = run_sweep(cfg)
-    if cfg.sweep.evaluate_best and out["best"] and not out["unfinished"]:
+    result = None  # an interrupted sweep has no best trial (cpo_ray.sweep): nothing to evaluate
+    if cfg.sweep.evaluate_best and out["best"]:
         from cpo_ray.pipeline import serve_and_eval
 
         with console.stage(Stage.EVAL):
             result = serve_and_eval(cfg, {})
     report = write_sweep_report(cfg, out)
     console.say(trials_table(out))
-    if cfg.sweep.evaluate_best and out["best"] and not out["unfinished"]:
+    if result:
         from cpo_ray.eval.render import markdown_table
 
         console.say()

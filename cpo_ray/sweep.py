@@ -173,10 +173,9 @@ def _grid_size(sw) -> int:
 def _summarize(cfg: Config, grid, metric: str, mode: str, seconds: float) -> dict:
     """The trials table (config, steps run, best metric, stopped early or not), the best trial's export copied to
     the sweep's final/ and adapter/, sweep.json."""
-    paths = RunPaths.of(cfg)
     from cpo_ray.compat import tune_trial_statuses
 
-    max_steps, sw = _max_steps(cfg), cfg.sweep
+    paths, max_steps, sw = RunPaths.of(cfg), _max_steps(cfg), cfg.sweep
 
     def finished(status: str, steps: int, error) -> bool:
         # An interrupted sweep (Ctrl-C, a stopped job) ends its running trials TERMINATED too; the scheduler
@@ -192,25 +191,25 @@ def _summarize(cfg: Config, grid, metric: str, mode: str, seconds: float) -> dic
         best = (max if mode == "max" else min)(values) if values else None
         steps = int(result.metrics.get("step", 0)) if result.metrics else 0
         trial = (result.metrics or {}).get("trial_id", "?")
+        done = finished(status, steps, result.error)
         trials.append({
             "trial": trial,
             "params": result.config["params"],
             "steps": steps,
             "best": best,
             "last": values[-1] if values else None,
-            "finished": finished(status, steps, result.error),  # else interrupted: the same command resumes it
-            "stopped_early": finished(status, steps, result.error) and not result.error and steps < max_steps,
+            "finished": done,  # else interrupted: the same command resumes it
+            "stopped_early": done and not result.error and steps < max_steps,
             "error": None if result.error is None else str(result.error).splitlines()[0][:300],
             "history": history,
             "output_dir": trial_config(cfg, result.config["params"], trial).output_dir,
         })  # fmt: skip
-    done = [t for t in trials if t["best"] is not None and t["finished"] and not t["stopped_early"] and not t["error"]]
-    # an interrupted sweep (a trial unfinished or never started) picks nothing until it is resumed
-    complete = all(t["finished"] for t in trials) and len(trials) >= _grid_size(sw)
-    best = (max if mode == "max" else min)(done, key=lambda t: t["best"]) if done and complete else None
+    # trials unfinished or never started: an interrupted sweep picks nothing until it is resumed
+    unfinished = sum(not t["finished"] for t in trials) + _grid_size(sw) - len(trials)
+    ran = [t for t in trials if t["best"] is not None and t["finished"] and not t["stopped_early"] and not t["error"]]
+    best = (max if mode == "max" else min)(ran, key=lambda t: t["best"]) if ran and not unfinished else None
     out = {"metric": metric, "mode": mode, "max_steps": max_steps, "seconds": seconds, "trials": trials,
-           "unfinished": sum(not t["finished"] for t in trials) + _grid_size(sw) - len(trials),
-           "best": best and {k: best[k] for k in ("trial", "params", "best", "output_dir")}}  # fmt: skip
+           "unfinished": unfinished, "best": best and {k: best[k] for k in ("trial", "params", "best", "output_dir")}}  # fmt: skip
     if best:
         src = Location(best["output_dir"])
         for part, marker in (("final", FINAL_MARKER), ("adapter", "adapter_config.json")):
